@@ -32,16 +32,16 @@ ingest features train: setup
 	$(SPARK_SUBMIT) jobs/$@.py --data-dir $(DATA)
 
 test: setup  ## lint, then the whole test suite (real Spark, Delta, MLlib, HTTP)
-	$(VENV)/bin/ruff check lib jobs serving tests benchmarks
-	$(VENV)/bin/ruff format --check lib jobs serving tests benchmarks
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
 
 lint: setup
-	$(VENV)/bin/ruff check lib jobs serving tests benchmarks
+	$(VENV)/bin/ruff check .
 
 format: setup
-	$(VENV)/bin/ruff format lib jobs serving tests benchmarks
-	$(VENV)/bin/ruff check --fix lib jobs serving tests benchmarks
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 clean:
 	rm -rf $(DATA) spark-warehouse metastore_db derby.log .pytest_cache

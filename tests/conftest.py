@@ -16,7 +16,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 @pytest.fixture(scope="session")
 def spark() -> Iterator[SparkSession]:
-    """A real local Spark with Delta, built exactly as the jobs build it, with few shuffle partitions."""
+    """A real local Spark with Delta, built as the jobs build it, with few shuffle partitions."""
     config = load_config()
     session = build_session(
         config,

@@ -36,9 +36,9 @@ def build_session(
 ) -> SparkSession:
     """Build (or reuse) the SparkSession for a job or a test.
 
-    Under spark-submit, spark-submit's own master and ``--properties-file`` win and only an explicit
-    ``master`` overrides them. From plain Python (pytest, ``python jobs/x.py``) the config's master and
-    spark-defaults.conf are applied here, so both ways run with the same settings.
+    Under spark-submit, spark-submit's own master and ``--properties-file`` win and only an
+    explicit ``master`` overrides them. From plain Python (pytest, ``python jobs/x.py``) the
+    config's master and spark-defaults.conf are applied here, so both ways run the same settings.
     """
     # Python workers must run the interpreter that has our package and its dependencies.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)

@@ -29,8 +29,9 @@ def write_table(df: DataFrame, path: Path, storage_format: str) -> None:
     """Replace the table at ``path`` so that a reader sees the old table or the new one, never half.
 
     Delta: an overwrite commit (column mapping on, so names with spaces are allowed); the previous
-    version stays in the log. Parquet: the data goes to a fresh directory and ``path`` is a symlink
-    swapped with one atomic rename, so a job killed at any moment leaves the previous table readable.
+    version stays in the log. Parquet: the data goes to a fresh directory and ``path`` is a
+    symlink swapped with one atomic rename, so a job killed at any moment leaves the previous
+    table readable.
     """
     _check_format(storage_format)
     path = Path(path)
