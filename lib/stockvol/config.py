@@ -30,10 +30,16 @@ class ModelParams:
     max_bins: int = 32
     seed: int = 42
     train_sample_fraction: float = 1.0
+    # Upper bound on the rows the forest is fitted on (None = no cap); see docs/model.md.
+    train_max_rows: int | None = None
     split: str = "time"
     test_fraction: float = 0.2
     tune: bool = False
     tune_sample_fraction: float = 0.1
+    # The --tune grid: every combination is one TrainValidationSplit candidate.
+    tune_num_trees: tuple[int, ...] = (20, 100)
+    tune_max_depth: tuple[int, ...] = (5, 8)
+    tune_max_bins: tuple[int, ...] = (32, 64)
 
 
 @dataclass(frozen=True)
