@@ -23,7 +23,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,8 +92,16 @@ class StandaloneCluster:
         return f"spark://{self.host}:{self.master_port}"
 
     @property
+    def master_webui_url(self) -> str:
+        return f"http://{self.host}:{self.master_webui_port}"
+
+    @property
+    def worker_webui_url(self) -> str:
+        return f"http://{self.host}:{self.worker_webui_port}"
+
+    @property
     def master_json_url(self) -> str:
-        return f"http://{self.host}:{self.master_webui_port}/json/"
+        return f"{self.master_webui_url}/json/"
 
     def log_path(self, daemon: str) -> Path:
         return self.base_dir / "logs" / f"{daemon}.log"
@@ -164,8 +172,7 @@ class StandaloneCluster:
 
     def master_state(self, timeout: float = 5.0) -> dict[str, Any]:
         """The master's own JSON status page: its status, workers, running and completed apps."""
-        with urllib.request.urlopen(self.master_json_url, timeout=timeout) as response:  # noqa: S310
-            return json.load(response)
+        return fetch_json(self.master_json_url, timeout)
 
     def log_tail(self, daemon: str, lines: int = 40) -> str:
         path = self.log_path(daemon)
@@ -204,9 +211,35 @@ class StandaloneCluster:
         self.stop()
 
 
+def fetch_json(url: str, timeout: float = 5.0) -> dict[str, Any]:
+    """GET a daemon's JSON status page (``<web UI>/json/``)."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - http only
+        return json.load(response)
+
+
 def alive_workers(state: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The workers the master lists as ALIVE."""
     return [worker for worker in state.get("workers", []) if worker.get("state") == "ALIVE"]
+
+
+def health(master_webui: str, worker_webui: str | None = None, timeout: float = 5.0) -> str | None:
+    """None when the master is ALIVE (and, given a worker, the master lists it ALIVE); else why not.
+
+    The compose health checks run this (``python -m stockvol.cluster health ...``): a worker is
+    healthy once the master it serves counts it, not merely when its own web page answers.
+    """
+    try:
+        state = fetch_json(f"{master_webui.rstrip('/')}/json/", timeout)
+        if state.get("status") != "ALIVE":
+            return f"master status is {state.get('status')}"
+        if worker_webui is None:
+            return None
+        worker_id = fetch_json(f"{worker_webui.rstrip('/')}/json/", timeout)["id"]
+    except (OSError, ValueError, KeyError) as err:
+        return f"no status: {err}"
+    if worker_id not in {worker["id"] for worker in alive_workers(state)}:
+        return f"worker {worker_id} is not ALIVE at the master"
+    return None
 
 
 def _running(pid: int) -> bool:
@@ -266,20 +299,9 @@ def processes_in_group(pgid: int) -> list[int]:
     return members
 
 
-@contextlib.contextmanager
-def running_cluster(base_dir: Path, **settings: Any) -> Iterator[StandaloneCluster]:
-    """A started cluster on free ports, stopped on exit whatever happened inside."""
-    cluster = StandaloneCluster.on_free_ports(base_dir, **settings)
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="A native Spark standalone master and worker.")
-    parser.add_argument("command", choices=("up", "down", "status"))
+    parser.add_argument("command", choices=("up", "down", "status", "health"))
     parser.add_argument("--base-dir", type=Path, default=PROJECT_ROOT / ".cluster")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7077, help="master port")
@@ -287,7 +309,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-webui-port", type=int, default=8081)
     parser.add_argument("--cores", type=int, default=2, help="worker cores")
     parser.add_argument("--memory", default="2g", help="worker memory for executors")
+    parser.add_argument("--master-ui", help="health: the master's web UI, e.g. http://HOST:8080")
+    parser.add_argument("--worker-ui", help="health: also check this worker (its web UI URL)")
     args = parser.parse_args(argv)
+    if args.command == "health":
+        if not args.master_ui:
+            parser.error("health needs --master-ui")
+        problem = health(args.master_ui, args.worker_ui)
+        if problem:
+            print(f"unhealthy: {problem}", file=sys.stderr)
+            return 1
+        return 0
     base_dir = args.base_dir.resolve()
     try:
         if args.command == "up":
