@@ -10,6 +10,7 @@ export PYSPARK_DRIVER_PYTHON := $(PY)
 SPARK_SUBMIT := $(VENV)/bin/spark-submit --properties-file spark-defaults.conf
 
 .PHONY: setup run download pipeline ingest features train serve test lint format clean
+.PHONY: test-cluster cluster-up cluster-down cluster-pipeline
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -35,6 +36,20 @@ test: setup  ## lint, then the whole test suite (real Spark, Delta, MLlib, HTTP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
+
+# A native Spark standalone master + worker (docs/cluster.md); the test starts its own on free ports.
+MASTER ?= spark://127.0.0.1:7077
+test-cluster: setup  ## the standalone-cluster test and the compose/Dockerfile checks only
+	$(PY) -m pytest tests/test_cluster.py tests/test_docker_files.py
+
+cluster-up: setup  ## master on 127.0.0.1:7077 (web UI :8080) and one worker, in the background
+	$(PY) -m stockvol.cluster up
+
+cluster-down:
+	$(PY) -m stockvol.cluster down
+
+cluster-pipeline: setup  ## run the pipeline on $(MASTER) (start one with `make cluster-up`)
+	SPARK_MASTER_URL=$(MASTER) docker/submit.sh jobs/pipeline.py --data-dir $(abspath $(DATA))
 
 lint: setup
 	$(VENV)/bin/ruff check .
