@@ -383,6 +383,19 @@ def acquire(
                 kaggle_howto(env),
             )
 
+    if chosen != "sample" and rows_multiplier != 1.0:
+        log.warning("--rows-multiplier only shapes the generated sample; ignored for %s", chosen)
+
+    if chosen not in SOURCES:
+        path = Path(chosen).expanduser()
+        if not path.exists():
+            raise AcquireError(
+                f"--source {chosen}: no such file or folder. Give a downloaded archive.zip, its "
+                f"extracted folder, or one of {', '.join(SOURCES)}"
+            )
+        if not path.is_dir() and not zipfile.is_zipfile(path):
+            raise AcquireError(f"{path} is neither a folder nor a zip archive")
+
     if raw_dir.exists() and not force:
         if raw_present(raw_dir):
             marker = read_marker(raw_dir)
@@ -409,15 +422,6 @@ def acquire(
 
     if chosen == "kaggle" and credentials is None:
         raise AcquireError(missing_credentials_help(env))
-    if chosen not in SOURCES:
-        path = Path(chosen).expanduser()
-        if not path.exists():
-            raise AcquireError(
-                f"--source {chosen}: no such file or folder. Give a downloaded archive.zip, its "
-                f"extracted folder, or one of {', '.join(SOURCES)}"
-            )
-        if not path.is_dir() and not zipfile.is_zipfile(path):
-            raise AcquireError(f"{path} is neither a folder nor a zip archive")
 
     data_dir.mkdir(parents=True, exist_ok=True)
     _clean_stale_staging(data_dir)
