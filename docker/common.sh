@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by the scripts in docker/: where the project, Python and Spark are. Sourced, not run.
 PROJECT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PROJECT_ROOT

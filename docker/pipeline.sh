@@ -4,6 +4,7 @@
 # The compose `pipeline` service runs this; so does the native cluster test. Extra arguments go to
 # jobs/pipeline.py (e.g. --config FILE, --format parquet).
 set -euo pipefail
+# shellcheck source=docker/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 data_dir="${STOCKVOL_DATA_DIR:-$PROJECT_ROOT/data}"

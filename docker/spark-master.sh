@@ -2,6 +2,7 @@
 # Run a Spark standalone master in the foreground. The spark-master container and the native cluster
 # (lib/stockvol/cluster.py, used by tests/test_cluster.py and `make cluster-up`) both run this script.
 set -euo pipefail
+# shellcheck source=docker/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 exec "$SPARK_HOME/bin/spark-class" org.apache.spark.deploy.master.Master \

@@ -3,6 +3,7 @@
 # Used by the spark-worker container (scale it with `docker compose up --scale spark-worker=N`) and by
 # the native cluster, with the same flags.
 set -euo pipefail
+# shellcheck source=docker/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 : "${SPARK_MASTER_URL:?set SPARK_MASTER_URL, e.g. spark://spark-master:7077}"

@@ -3,6 +3,7 @@
 #   docker/submit.sh jobs/pipeline.py --data-dir /data
 # The pipeline container and the native cluster test submit through this script, with the same flags.
 set -euo pipefail
+# shellcheck source=docker/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 : "${SPARK_MASTER_URL:?set SPARK_MASTER_URL, e.g. spark://spark-master:7077}"
