@@ -10,7 +10,7 @@ export PYSPARK_DRIVER_PYTHON := $(PY)
 SPARK_SUBMIT := $(VENV)/bin/spark-submit --properties-file spark-defaults.conf
 
 .PHONY: setup run download pipeline ingest features train serve test lint format clean
-.PHONY: test-cluster cluster-up cluster-down cluster-pipeline
+.PHONY: test-cluster cluster-up cluster-down cluster-pipeline bench bench-sweep
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -50,6 +50,15 @@ cluster-down:
 
 cluster-pipeline: setup  ## run the pipeline on $(MASTER) (start one with `make cluster-up`)
 	SPARK_MASTER_URL=$(MASTER) docker/submit.sh jobs/pipeline.py --data-dir $(abspath $(DATA))
+
+# Benchmarks (docs/benchmarks.md): BENCH_ARGS='--scales 0.25,0.5,1,2' for the scaling sweep.
+BENCH_ARGS ?=
+bench: setup  ## every stage at full size: wall s, rows/s, peak memory (bench-results/*.json)
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+bench-sweep: setup  ## 0.25x, 0.5x, 1x, 2x size, then the plot docs/benchmarks-scaling.png
+	$(PY) benchmarks/run.py --scales 0.25,0.5,1,2 --out bench-results/sweep.json $(BENCH_ARGS)
+	$(PY) benchmarks/plot.py bench-results/sweep.json --out docs/benchmarks-scaling.png
 
 lint: setup
 	$(VENV)/bin/ruff check .
