@@ -1,0 +1,224 @@
+"""Benchmark the train stage on an existing features table, for several training-row fractions.
+
+    .venv/bin/python benchmarks/train.py --data-dir data --fractions 0.05,0.1,1.0
+
+Each fraction runs in a fresh Python + JVM (so memory peaks do not carry over) exactly as the job
+runs it (``stockvol.train.run``: split, sample, fit, evaluate on the whole test set, plot, export),
+writing its model to a scratch directory, never to DIR/model. Prints, per run: the stage's wall
+seconds and phases, rows/s, the peak resident memory of the whole process tree (this Python, the
+driver JVM and its Python workers, summed, sampled every 0.2 s), and test R² against the baseline.
+A script, not a test: figures depend on the machine and on what else runs on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from stockvol.config import DEFAULT_CONFIG, load_config
+
+SPARK_KEYS = (
+    "spark.master",
+    "spark.driver.memory",
+    "spark.sql.shuffle.partitions",
+    "spark.default.parallelism",
+    "spark.serializer",
+    "spark.sql.files.maxPartitionBytes",
+)
+
+
+def tree_rss(root: psutil.Process) -> int:
+    """Resident bytes of ``root`` and all its descendants (JVM and Python workers included)."""
+    total = 0
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):  # exited meanwhile
+            total += proc.memory_info().rss
+    return total
+
+
+class PeakMemory:
+    """Samples the process tree's resident memory in a thread; ``peak`` is the largest sum seen."""
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        self.root = psutil.Process(pid)
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, tree_rss(self.root))
+            except psutil.NoSuchProcess:
+                return
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One measured run in this process; prints a JSON line for the parent."""
+    from stockvol.spark import build_session
+    from stockvol.train import run
+
+    source = load_config(args.config, data_dir=args.data_dir, storage_format=args.format)
+    scratch = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    # The lake is linked, the model goes to scratch: DIR/model is never touched.
+    (scratch / "lake").symlink_to(source.lake_dir.resolve())
+    config = load_config(
+        args.config,
+        data_dir=scratch,
+        storage_format=args.format,
+        master=args.master,
+        train_sample_fraction=args.fraction,
+        train_max_rows=args.max_rows,
+        num_trees=args.num_trees,
+        max_depth=args.max_depth,
+        max_bins=args.max_bins,
+        split=args.split,
+    )
+    extra = {"spark.driver.memory": args.driver_memory} if args.driver_memory else {}
+    clock = time.perf_counter()
+    spark = build_session(config, "stockvol-bench-train", extra_conf=extra)
+    startup = time.perf_counter() - clock
+    try:
+        clock = time.perf_counter()
+        run(spark, config)
+        seconds = time.perf_counter() - clock
+        conf = dict(spark.sparkContext.getConf().getAll())
+    finally:
+        spark.stop()
+    metrics = json.loads(config.metrics_path.read_text())
+    shutil.rmtree(scratch, ignore_errors=True)
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "fraction": args.fraction,
+                "max_rows": args.max_rows,
+                "seconds": seconds,
+                "jvm_start_seconds": startup,
+                "durations": metrics["durations_seconds"],
+                "rows": metrics["rows"],
+                "r2": metrics["test"]["r2"],
+                "rmse": metrics["test"]["rmse"],
+                "baseline_r2": metrics["baseline"]["r2"],
+                "params": metrics["params"],
+                "spark": {k: conf.get(k) for k in SPARK_KEYS},
+                "cores": os.cpu_count(),
+            }
+        ),
+        flush=True,
+    )
+
+
+def measure(args: argparse.Namespace, fraction: float, max_rows: int | None) -> dict[str, Any]:
+    """Run one worker process and watch its process tree's memory."""
+    command = [sys.executable, __file__, "--worker", "--fraction", str(fraction)]
+    if max_rows:
+        command += ["--max-rows", str(max_rows)]
+    for flag in ("config", "data_dir", "format", "master", "driver_memory", "split"):
+        value = getattr(args, flag)
+        if value is not None:
+            command += [f"--{flag.replace('_', '-')}", str(value)]
+    for flag in ("num_trees", "max_depth", "max_bins"):
+        command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+    with PeakMemory(proc.pid) as memory:
+        out, _ = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"worker for fraction {fraction} failed with exit code {proc.returncode}")
+    line = next(line for line in out.splitlines() if line.startswith("RESULT "))
+    result = json.loads(line.removeprefix("RESULT "))
+    result["peak_rss_bytes"] = memory.peak
+    return result
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    head = (
+        f"{'fraction':>8} {'fitted rows':>12} {'stage s':>8} {'fit s':>7} {'eval s':>7} "
+        f"{'rows/s':>10} {'fit rows/s':>10} {'peak GB':>8} {'test R2':>8} {'base R2':>8}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        d, rows = r["durations"], r["rows"]
+        print(
+            f"{r['fraction']:>8g} {rows['train_fitted']:>12,} {r['seconds']:>8.1f} "
+            f"{d['fit']:>7.1f} {d['evaluate']:>7.1f} {rows['input'] / r['seconds']:>10,.0f} "
+            f"{rows['train_fitted'] / d['fit']:>10,.0f} {r['peak_rss_bytes'] / 2**30:>8.2f} "
+            f"{r['r2']:>8.4f} {r['baseline_r2']:>8.4f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
+    parser.add_argument("--data-dir", required=True, help="DIR holding lake/features")
+    parser.add_argument("--format", choices=("delta", "parquet"))
+    parser.add_argument("--master", help="default: the config's (local[*])")
+    parser.add_argument("--driver-memory", help="e.g. 8g (default: spark-defaults.conf)")
+    parser.add_argument("--fractions", default="0.05,0.1", help="comma-separated, e.g. 0.05,0.1,1")
+    parser.add_argument("--max-rows", type=int, help="also cap fitted rows (train_max_rows)")
+    parser.add_argument("--split", choices=("time", "random"))
+    parser.add_argument("--num-trees", type=int, default=100)
+    parser.add_argument("--max-depth", type=int, default=5)
+    parser.add_argument("--max-bins", type=int, default=32)
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--fraction", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return
+
+    fractions = [float(f) for f in args.fractions.split(",")]
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    load = os.getloadavg()
+    results = []
+    for fraction in fractions:
+        result = measure(args, fraction, args.max_rows)
+        results.append(result)
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in result["durations"].items())
+        print(
+            f"fraction {fraction:g}: {result['seconds']:.1f} s ({phases}; JVM start "
+            f"{result['jvm_start_seconds']:.1f}), R² {result['r2']:.4f}",
+            flush=True,
+        )
+    first = results[0]
+    print(
+        f"\ntrain benchmark, started {started}, {first['cores']} cores, "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, load average at start "
+        f"{load[0]:.1f}; features table: {args.data_dir}; {first['rows']['input']:,} rows, "
+        f"{first['rows']['train']:,} train / {first['rows']['test']:,} test"
+    )
+    model = {k: first["params"][k] for k in ("num_trees", "max_depth", "max_bins")}
+    print(f"model: {json.dumps(model)}")
+    print(f"spark: {json.dumps(first['spark'])}\n")
+    print_table(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
