@@ -1,0 +1,451 @@
+"""Read a saved Spark ``PipelineModel`` (VectorAssembler -> RandomForestRegressionModel), no JVM.
+
+Spark writes the pipeline as JSON metadata plus Parquet tree data. This module reads them with
+pyarrow, refuses any directory it does not understand, and predicts exactly as Spark 4.2 does:
+
+* a continuous split sends a row left when ``value <= threshold`` (``ContinuousSplit``);
+* the forest predicts ``(p_0 + p_1 + ... + p_{n-1}) / numTrees``, summed left to right in tree
+  order (``RandomForestRegressionModel.predict``: ``_trees.map(...).sum / getNumTrees``; the
+  tree weights, all 1.0, are not used). Summing in the same order makes results bit-identical.
+
+Two evaluators, both exact:
+
+* ``Forest.walk``: the definition. All rows x all trees descend one level per step with numpy.
+* ``Grid``: every split compares one feature with one of a few thresholds (Spark bins each
+  continuous feature into at most ``maxBins`` buckets once for the whole forest), so the forest
+  is constant on each cell of the grid those thresholds draw. ``Grid`` runs ``walk`` once on one
+  point per cell at load time; a prediction is then two binary searches and a table look-up.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from bisect import bisect_left
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+# The model contract (stockvol.schema.FEATURE_COLUMNS), repeated because serving must not import
+# the pipeline package, which needs pyspark. A test keeps the two equal.
+FEATURES = ("vol_moving_avg", "adj_close_rolling_med")
+
+PIPELINE_CLASS = "org.apache.spark.ml.PipelineModel"
+ASSEMBLER_CLASS = "org.apache.spark.ml.feature.VectorAssembler"
+FOREST_CLASS = "org.apache.spark.ml.regression.RandomForestRegressionModel"
+TREE_CLASS = "org.apache.spark.ml.regression.DecisionTreeRegressionModel"
+METRICS_FILE = "metrics.json"
+
+# Above this many cells the grid is not built and predictions walk the trees (still exact, slower).
+# With Spark's default maxBins=32 a two-feature forest has at most 32 x 32 cells.
+DEFAULT_MAX_GRID_CELLS = 4_000_000
+# Rows per block when walking the trees, to bound the rows x trees temporaries.
+_WALK_BLOCK_ROWS = 16_384
+
+
+class ModelError(Exception):
+    """The model directory cannot be served."""
+
+
+class ModelNotFoundError(ModelError):
+    """No model directory at the configured path (train one first: ``make train``)."""
+
+
+class ModelFormatError(ModelError):
+    """The directory is not a PipelineModel this server understands; the message says why."""
+
+
+def _read_metadata(directory: Path) -> dict[str, Any]:
+    """Spark's ``DefaultParamsWriter`` metadata: one JSON line in ``directory/metadata/part-*``."""
+    parts = sorted((directory / "metadata").glob("part-*"))
+    if not parts:
+        raise ModelFormatError(f"no metadata/part-* file in {directory}")
+    for part in parts:
+        for line in part.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                try:
+                    metadata = json.loads(line)
+                except ValueError as err:
+                    raise ModelFormatError(f"{part} is not JSON metadata: {err}") from err
+                if not isinstance(metadata, dict) or "class" not in metadata:
+                    raise ModelFormatError(f"{part} has no 'class' entry")
+                return metadata
+    raise ModelFormatError(f"the metadata files in {directory / 'metadata'} are empty")
+
+
+def _params(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Effective parameters: Spark's defaults overlaid with the explicitly set ones."""
+    return {**metadata.get("defaultParamMap", {}), **metadata.get("paramMap", {})}
+
+
+def _expect_class(metadata: dict[str, Any], expected: str, where: Path) -> None:
+    if metadata.get("class") != expected:
+        raise ModelFormatError(f"{where}: expected a {expected}, found {metadata.get('class')!r}")
+
+
+def _read_parquet(directory: Path, columns: list[str]) -> pa.Table:
+    if not directory.is_dir():
+        raise ModelFormatError(f"missing {directory}")
+    try:
+        return pq.read_table(directory, columns=columns)
+    except (pa.ArrowException, OSError, KeyError) as err:
+        raise ModelFormatError(f"cannot read {directory} as Parquet with {columns}: {err}") from err
+
+
+def _iso_millis(millis: Any) -> str | None:
+    if not isinstance(millis, int):
+        return None
+    return datetime.fromtimestamp(millis / 1000, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class Forest:
+    """All trees flattened into parallel arrays; leaves point to themselves: walks may overshoot."""
+
+    feature: np.ndarray  # int64, split feature of each node (0 for leaves)
+    threshold: np.ndarray  # float64, split threshold (+inf for leaves: never consulted)
+    left: np.ndarray  # int64, global index of the left child (itself for a leaf)
+    right: np.ndarray  # int64, global index of the right child (itself for a leaf)
+    value: np.ndarray  # float64, node prediction (what a leaf returns)
+    roots: np.ndarray  # int64, global index of each tree's root, in tree order
+    depth: int  # longest root-to-leaf path: steps a walk needs
+    tree_weights: np.ndarray  # float64, as saved; Spark's predict ignores them
+
+    @property
+    def num_trees(self) -> int:
+        return int(self.roots.size)
+
+    def split_thresholds(self) -> list[np.ndarray]:
+        """The sorted distinct thresholds the trees compare each feature with."""
+        internal = self.left != np.arange(self.left.size)
+        return [
+            np.unique(self.threshold[internal & (self.feature == f)]) for f in range(len(FEATURES))
+        ]
+
+    def walk(self, x: np.ndarray) -> np.ndarray:
+        """Exact Spark predictions for ``x`` (rows x features, float64) by walking every tree."""
+        out = np.empty(x.shape[0], dtype=np.float64)
+        for start in range(0, x.shape[0], _WALK_BLOCK_ROWS):
+            block = x[start : start + _WALK_BLOCK_ROWS]
+            rows = np.arange(block.shape[0])[:, None]
+            node = np.broadcast_to(self.roots, (block.shape[0], self.roots.size)).copy()
+            for _ in range(self.depth):
+                go_left = block[rows, self.feature[node]] <= self.threshold[node]
+                node = np.where(go_left, self.left[node], self.right[node])
+            leaf_values = self.value[node]
+            # Left-to-right over trees, as Scala's Array.sum does; np.sum would sum pairwise.
+            total = leaf_values[:, 0].copy()
+            for tree in range(1, self.roots.size):
+                total += leaf_values[:, tree]
+            out[start : start + block.shape[0]] = total / self.roots.size
+        return out
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The forest tabulated on the cells its thresholds draw (see the module docstring)."""
+
+    thresholds: tuple[np.ndarray, np.ndarray]  # sorted distinct thresholds per feature
+    table: np.ndarray  # float64, (len(t0) + 1) * (len(t1) + 1) predictions, row-major
+    # Plain-Python copies for the one-row path: bisect on a list beats numpy for a single value.
+    _t0: list[float] = field(repr=False)
+    _t1: list[float] = field(repr=False)
+    _cells: list[float] = field(repr=False)
+
+    @classmethod
+    def build(cls, forest: Forest) -> Grid:
+        t0, t1 = forest.split_thresholds()
+        # Cell i of a feature holds the x with t[i-1] < x <= t[i]: t[i] itself represents it, and
+        # +inf represents the last cell (x above every threshold).
+        reps0, reps1 = np.append(t0, np.inf), np.append(t1, np.inf)
+        points = np.column_stack([np.repeat(reps0, reps1.size), np.tile(reps1, reps0.size)]).astype(
+            np.float64
+        )
+        table = forest.walk(points)
+        return cls((t0, t1), table, t0.tolist(), t1.tolist(), table.tolist())
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.thresholds[0].size + 1, self.thresholds[1].size + 1)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        # searchsorted(side="left") counts thresholds strictly below x: exactly the cell index.
+        i = np.searchsorted(self.thresholds[0], x[:, 0], side="left")
+        j = np.searchsorted(self.thresholds[1], x[:, 1], side="left")
+        return self.table[i * (self.thresholds[1].size + 1) + j]
+
+    def predict_one(self, x0: float, x1: float) -> float:
+        return self._cells[
+            bisect_left(self._t0, x0) * (len(self._t1) + 1) + bisect_left(self._t1, x1)
+        ]
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    """A loaded, validated model: exact Spark predictions plus what ``/model`` reports."""
+
+    path: Path
+    forest: Forest
+    grid: Grid | None
+    info: dict[str, Any]
+
+    @property
+    def evaluator(self) -> str:
+        return "grid" if self.grid is not None else "walk"
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Predictions for ``x`` (n x 2: vol_moving_avg, adj_close_rolling_med), as float64."""
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != len(FEATURES):
+            raise ValueError(f"expected an (n, {len(FEATURES)}) array, got shape {x.shape}")
+        # Spark's VectorAssembler (handleInvalid=error) refuses NaN; so do we.
+        if np.isnan(x).any():
+            raise ValueError("NaN feature values cannot be predicted")
+        if self.grid is not None:
+            return self.grid.predict(x)
+        return self.forest.walk(x)
+
+    def predict_one(self, vol_moving_avg: float, adj_close_rolling_med: float) -> float:
+        """One prediction, on the fast path (a few microseconds with the grid)."""
+        if math.isnan(vol_moving_avg) or math.isnan(adj_close_rolling_med):
+            raise ValueError("NaN feature values cannot be predicted")
+        if self.grid is not None:
+            return self.grid.predict_one(vol_moving_avg, adj_close_rolling_med)
+        return float(self.forest.walk(np.array([[vol_moving_avg, adj_close_rolling_med]]))[0])
+
+
+def _load_forest(stage_dir: Path, num_trees: int, num_features: int) -> Forest:
+    """Read ``data/`` (a row per node) and ``treesMetadata/``; check the trees are well formed."""
+    meta = _read_parquet(stage_dir / "treesMetadata", ["_1", "_2", "_3"]).sort_by("_1")
+    tree_ids = meta.column("_1").to_numpy()
+    if tree_ids.size != num_trees or not np.array_equal(tree_ids, np.arange(num_trees)):
+        raise ModelFormatError(
+            f"{stage_dir}/treesMetadata lists trees {tree_ids.tolist()[:10]}..., "
+            f"expected 0..{num_trees - 1}"
+        )
+    for tree, text in zip(tree_ids, meta.column("_2").to_pylist(), strict=True):
+        try:
+            tree_class = json.loads(text).get("class")
+        except (TypeError, ValueError, AttributeError):
+            tree_class = None
+        if tree_class != TREE_CLASS:
+            raise ModelFormatError(
+                f"tree {tree} in {stage_dir} is a {tree_class!r}, not {TREE_CLASS}"
+            )
+
+    nodes = _read_parquet(stage_dir / "data", ["treeID", "nodeData"])
+    try:
+        node = nodes.column("nodeData").combine_chunks()
+        split = node.field("split")
+        threshold_list = split.field("leftCategoriesOrThreshold")
+        columns = {
+            "tree": nodes.column("treeID").to_numpy(),
+            "id": node.field("id").to_numpy(zero_copy_only=False),
+            "value": node.field("prediction").to_numpy(zero_copy_only=False),
+            "left": node.field("leftChild").to_numpy(zero_copy_only=False),
+            "right": node.field("rightChild").to_numpy(zero_copy_only=False),
+            "feature": split.field("featureIndex").to_numpy(zero_copy_only=False),
+            "categories": split.field("numCategories").to_numpy(zero_copy_only=False),
+        }
+        lengths = pc.list_value_length(threshold_list).to_numpy(zero_copy_only=False)
+        flat = np.append(pc.list_flatten(threshold_list).to_numpy(zero_copy_only=False), np.nan)
+        # The first list element of each node (NaN where the list is empty).
+        starts = np.cumsum(lengths) - lengths
+        columns["n_thresholds"] = lengths
+        columns["threshold"] = np.where(
+            lengths > 0, flat[np.minimum(starts, flat.size - 1)], np.nan
+        )
+    except (KeyError, pa.ArrowException) as err:
+        raise ModelFormatError(
+            f"{stage_dir}/data does not have Spark's tree node layout: {err}"
+        ) from err
+
+    order = np.lexsort((columns["id"], columns["tree"]))
+    col = {name: values[order] for name, values in columns.items()}
+    tree, node_id = col["tree"].astype(np.int64), col["id"].astype(np.int64)
+    where = f"{stage_dir}/data"
+    if not np.array_equal(np.unique(tree), np.arange(num_trees)):
+        raise ModelFormatError(
+            f"{where} holds trees {np.unique(tree)[:10]}..., expected {num_trees}"
+        )
+    sizes = np.bincount(tree, minlength=num_trees)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    if not np.array_equal(node_id, np.arange(tree.size) - offsets[tree]):
+        raise ModelFormatError(f"{where}: node ids of some tree are not 0..n-1")
+
+    is_leaf = (col["left"] == -1) & (col["right"] == -1)
+    internal = ~is_leaf
+    if np.any(internal & ((col["left"] < 0) | (col["right"] < 0))):
+        raise ModelFormatError(f"{where}: a node has exactly one child")
+    if np.any(internal & (col["categories"] != -1)):
+        bad = int(np.flatnonzero(internal & (col["categories"] != -1))[0])
+        raise ModelFormatError(
+            f"{where}: tree {tree[bad]} node {node_id[bad]} splits on a categorical feature; "
+            "only continuous splits are supported"
+        )
+    if np.any(internal & (col["n_thresholds"] != 1)):
+        raise ModelFormatError(f"{where}: a continuous split without exactly one threshold")
+    if np.any(internal & ((col["feature"] < 0) | (col["feature"] >= num_features))):
+        raise ModelFormatError(f"{where}: a split on a feature index outside 0..{num_features - 1}")
+    if not np.all(np.isfinite(col["value"])) or np.any(internal & np.isnan(col["threshold"])):
+        raise ModelFormatError(f"{where}: non-finite node predictions or NaN thresholds")
+
+    index = np.arange(tree.size, dtype=np.int64)
+    left = np.where(is_leaf, index, offsets[tree] + col["left"])
+    right = np.where(is_leaf, index, offsets[tree] + col["right"])
+    # A tree: children come after their parent (Spark numbers nodes in pre-order), stay inside
+    # the parent's tree, and every node but the root has exactly one parent.
+    ends = offsets + sizes
+    for child in (left, right):
+        if np.any(internal & ((child <= index) | (child >= ends[tree]))):
+            raise ModelFormatError(f"{where}: a child id points outside its tree or backwards")
+    parents = np.bincount(np.concatenate([left[internal], right[internal]]), minlength=tree.size)
+    if not np.array_equal(parents, np.where(node_id == 0, 0, 1)):
+        raise ModelFormatError(f"{where}: the nodes of some tree do not form a single tree")
+
+    depth = np.zeros(tree.size, dtype=np.int64)
+    for parent in np.flatnonzero(internal):  # ascending: parents are final before their children
+        depth[left[parent]] = depth[right[parent]] = depth[parent] + 1
+
+    return Forest(
+        feature=np.where(is_leaf, 0, col["feature"]).astype(np.int64),
+        threshold=np.where(is_leaf, np.inf, col["threshold"]).astype(np.float64),
+        left=left,
+        right=right,
+        value=col["value"].astype(np.float64),
+        roots=offsets.astype(np.int64),
+        depth=int(depth.max()),
+        tree_weights=meta.column("_3").to_numpy().astype(np.float64),
+    )
+
+
+def _stage_dirs(path: Path, stage_uids: list[str]) -> list[Path]:
+    """``stages/<index>_<uid>``, as Spark's ``PipelineModel`` writer names them."""
+    dirs = [path / "stages" / f"{index}_{uid}" for index, uid in enumerate(stage_uids)]
+    for directory in dirs:
+        if not directory.is_dir():
+            raise ModelFormatError(
+                f"the pipeline metadata names a stage missing on disk: {directory}"
+            )
+    return dirs
+
+
+def load_model(
+    path: str | os.PathLike[str], max_grid_cells: int = DEFAULT_MAX_GRID_CELLS
+) -> ServingModel:
+    """Read and validate the PipelineModel directory at ``path``; ``ModelError`` if unusable."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelNotFoundError(
+            f"no model directory at {path}: train one (make train) or set MODEL_DIR"
+        )
+    try:
+        return _load(path, max_grid_cells)
+    except ModelError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+        # Anything else unexpected in the files: still a refusal that names the directory.
+        raise ModelFormatError(f"cannot read the model in {path}: {err!r}") from err
+
+
+def _load(path: Path, max_grid_cells: int) -> ServingModel:
+    pipeline = _read_metadata(path)
+    _expect_class(pipeline, PIPELINE_CLASS, path / "metadata")
+    stage_uids = _params(pipeline).get("stageUids")
+    if not isinstance(stage_uids, list) or len(stage_uids) != 2:
+        raise ModelFormatError(
+            f"{path}: expected 2 stages (VectorAssembler, RandomForestRegressionModel), "
+            f"found {stage_uids!r}"
+        )
+    assembler_dir, forest_dir = _stage_dirs(path, stage_uids)
+
+    assembler = _read_metadata(assembler_dir)
+    _expect_class(assembler, ASSEMBLER_CLASS, assembler_dir)
+    assembler_params = _params(assembler)
+    if list(assembler_params.get("inputCols", [])) != list(FEATURES):
+        raise ModelFormatError(
+            f"{assembler_dir}: the features must be {list(FEATURES)} in this order, "
+            f"found {assembler_params.get('inputCols')!r}"
+        )
+
+    forest_meta = _read_metadata(forest_dir)
+    _expect_class(forest_meta, FOREST_CLASS, forest_dir)
+    forest_params = _params(forest_meta)
+    if forest_params.get("featuresCol", "features") != assembler_params.get("outputCol"):
+        raise ModelFormatError(
+            f"{forest_dir}: the forest reads column {forest_params.get('featuresCol')!r}, "
+            f"the assembler writes {assembler_params.get('outputCol')!r}"
+        )
+    num_features, num_trees = forest_meta.get("numFeatures"), forest_meta.get("numTrees")
+    if num_features != len(FEATURES):
+        raise ModelFormatError(f"{forest_dir}: numFeatures is {num_features!r}, expected 2")
+    if not isinstance(num_trees, int) or num_trees < 1:
+        raise ModelFormatError(f"{forest_dir}: numTrees is {num_trees!r}")
+
+    forest = _load_forest(forest_dir, num_trees, num_features)
+    cells = math.prod(thresholds.size + 1 for thresholds in forest.split_thresholds())
+    grid = Grid.build(forest) if cells <= max_grid_cells else None
+
+    info: dict[str, Any] = {
+        "model_dir": str(path),
+        "resolved_dir": str(path.resolve()),
+        "loaded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "trained_at": _iso_millis(pipeline.get("timestamp")),
+        "spark_version": pipeline.get("sparkVersion"),
+        "pipeline_uid": pipeline.get("uid"),
+        "features": list(FEATURES),
+        "label": forest_params.get("labelCol"),
+        "stages": [
+            {"class": meta["class"], "uid": meta.get("uid"), "params": _params(meta)}
+            for meta in (assembler, forest_meta)
+        ],
+        "forest": {
+            "num_trees": forest.num_trees,
+            "num_nodes": int(forest.value.size),
+            "depth": forest.depth,
+            "evaluator": "grid" if grid is not None else "walk",
+            "grid_cells": cells,
+        },
+        **_read_metrics(path),
+    }
+    return ServingModel(path=path, forest=forest, grid=grid, info=info)
+
+
+def _read_metrics(path: Path) -> dict[str, Any]:
+    """``metrics.json`` as the train job wrote it, plus where the training data came from.
+
+    The file is optional: a model without it is still served, and ``/model`` says why it is absent.
+    """
+    metrics_path = path / METRICS_FILE
+    try:
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return _no_metrics(f"{metrics_path} not found")
+    except (OSError, ValueError) as err:
+        return _no_metrics(f"{metrics_path} is not readable JSON: {err}")
+    if not isinstance(metrics, dict):
+        return _no_metrics(f"{metrics_path} is not a JSON object")
+    return {"metrics": metrics, "metrics_error": None, "training_data": _training_data(metrics)}
+
+
+def _no_metrics(reason: str) -> dict[str, Any]:
+    return {"metrics": None, "metrics_error": reason, "training_data": None}
+
+
+def _training_data(metrics: dict[str, Any]) -> dict[str, Any]:
+    """When and on which table version the model was trained (the train job's ``lineage`` block)."""
+    lineage = metrics.get("lineage") if isinstance(metrics.get("lineage"), dict) else {}
+    return {
+        "finished_at": metrics.get("finished_at"),
+        "features_path": lineage.get("features_path"),
+        "format": lineage.get("format"),
+        "delta_version": lineage.get("delta_version"),
+        "spark_version": lineage.get("spark_version"),
+    }
