@@ -1,0 +1,99 @@
+"""The Flask application factory: configuration, the model (loaded once), JSON errors everywhere."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from importlib import resources
+from typing import Any
+
+from flask import Flask, Response
+from werkzeug.exceptions import HTTPException
+
+from serving.api import STATE_KEY, ModelState, api, error_response
+from serving.forest import DEFAULT_MAX_GRID_CELLS, ModelNotFoundError, load_model
+
+log = logging.getLogger("serving")
+
+DEFAULTS: dict[str, Any] = {
+    # The Spark PipelineModel directory (the train job makes it a symlink to the current version).
+    "MODEL_DIR": "data/model",
+    # True: refuse to start without a model. False: start, answer 503 until restarted with one.
+    "MODEL_REQUIRED": False,
+    # Most instances one POST /predict may carry, and the largest request body (bytes): 10,000
+    # instances of two 20-digit numbers take about 800 KB of JSON.
+    "MAX_BATCH": 10_000,
+    "MAX_CONTENT_LENGTH": 2 * 1024 * 1024,
+    # Longest accepted text for one number in a query string.
+    "MAX_NUMBER_LENGTH": 64,
+    "MAX_GRID_CELLS": DEFAULT_MAX_GRID_CELLS,
+}
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the app. Settings: DEFAULTS < environment (MODEL_DIR, SERVING_<NAME>) < ``config``.
+
+    The model is read once, here. A missing model directory leaves the app up with ``/health`` and
+    ``/predict`` answering 503 (unless MODEL_REQUIRED); a directory that is not a model this server
+    understands raises ``ModelFormatError``, so a server never starts on a bad model.
+    """
+    app = Flask(__name__)
+    app.config.from_mapping(DEFAULTS)
+    if "MODEL_DIR" in os.environ:
+        app.config["MODEL_DIR"] = os.environ["MODEL_DIR"]
+    app.config.from_prefixed_env("SERVING")
+    if config:
+        app.config.from_mapping(config)
+
+    app.extensions[STATE_KEY] = _load(app)
+    app.extensions["stockvol.openapi"] = _openapi(app)
+    app.register_blueprint(api)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected_error)
+    return app
+
+
+def _load(app: Flask) -> ModelState:
+    model_dir = app.config["MODEL_DIR"]
+    try:
+        model = load_model(model_dir, max_grid_cells=int(app.config["MAX_GRID_CELLS"]))
+    except ModelNotFoundError as err:
+        if app.config["MODEL_REQUIRED"]:
+            raise
+        log.warning("serving without a model: %s", err)
+        return ModelState(None, str(err))
+    forest = model.info["forest"]
+    log.info(
+        "model loaded from %s: %d trees, depth %d, %s evaluator",
+        model.info["resolved_dir"],
+        forest["num_trees"],
+        forest["depth"],
+        model.evaluator,
+    )
+    return ModelState(model)
+
+
+def _openapi(app: Flask) -> dict[str, Any]:
+    """The OpenAPI document, with the limits this app was configured with."""
+    document = json.loads(resources.files("serving").joinpath("openapi.json").read_text("utf-8"))
+    schemas = document["components"]["schemas"]
+    schemas["BatchRequest"]["properties"]["instances"]["maxItems"] = int(app.config["MAX_BATCH"])
+    for parameter in document["components"]["parameters"].values():
+        parameter["schema"]["maxLength"] = int(app.config["MAX_NUMBER_LENGTH"])
+    return document
+
+
+def _http_error(err: HTTPException) -> Response:
+    # Start from werkzeug's own response so headers such as Allow (405) survive.
+    response = err.get_response()
+    response.set_data(json.dumps({"error": err.description, "status": err.code}))
+    response.mimetype = "application/json"
+    return response
+
+
+def _unexpected_error(err: Exception) -> Response:
+    # Last resort: log the traceback, answer JSON rather than Flask's HTML page.
+    log.exception("unhandled error", exc_info=err)
+    return error_response(500, "internal server error")
