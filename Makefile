@@ -10,7 +10,7 @@ export PYSPARK_DRIVER_PYTHON := $(PY)
 SPARK_SUBMIT := $(VENV)/bin/spark-submit --properties-file spark-defaults.conf
 
 .PHONY: setup run download pipeline ingest features train serve test lint format clean
-.PHONY: test-cluster cluster-up cluster-down cluster-pipeline bench bench-sweep
+.PHONY: test-cluster cluster-up cluster-down cluster-pipeline bench bench-sweep bench-serving
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -59,6 +59,13 @@ bench: setup  ## every stage at full size: wall s, rows/s, peak memory (bench-re
 bench-sweep: setup  ## 0.25x, 0.5x, 1x, 2x size, then the plot docs/benchmarks-scaling.png
 	$(PY) benchmarks/run.py --scales 0.25,0.5,1,2 --out bench-results/sweep.json $(BENCH_ARGS)
 	$(PY) benchmarks/plot.py bench-results/sweep.json --out docs/benchmarks-scaling.png
+
+# The prediction API (docs/serving.md): gunicorn on port 8000 over MODEL_DIR (default $(DATA)/model).
+serve: setup  ## gunicorn serving.wsgi:app on :8000; reload a new model with kill -HUP <master pid>
+	MODEL_DIR=$${MODEL_DIR:-$(DATA)/model} $(VENV)/bin/gunicorn --config serving/gunicorn.conf.py serving.wsgi:app
+
+bench-serving: setup  ## in-process and through-gunicorn prediction latency and throughput
+	$(PY) benchmarks/serving.py --model-dir $${MODEL_DIR:-$(DATA)/model} $(SERVING_BENCH_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
