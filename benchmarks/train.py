@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -90,12 +91,14 @@ def worker(args: argparse.Namespace) -> None:
         storage_format=args.format,
         master=args.master,
         train_sample_fraction=args.fraction,
-        train_max_rows=args.max_rows,
         num_trees=args.num_trees,
         max_depth=args.max_depth,
         max_bins=args.max_bins,
         split=args.split,
     )
+    # The fraction alone decides unless --max-rows is given: a configured cap must not shrink the
+    # "fraction 1" run that every other run is compared with.
+    config = replace(config, model=replace(config.model, train_max_rows=args.max_rows))
     extra = {"spark.driver.memory": args.driver_memory} if args.driver_memory else {}
     clock = time.perf_counter()
     spark = build_session(config, "stockvol-bench-train", extra_conf=extra)
