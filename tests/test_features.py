@@ -1,0 +1,386 @@
+"""Features: rolling mean and median per symbol, checked against pandas/numpy on the same rows."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from datetime import date, timedelta
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+from chispa import assert_df_equality
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.window import Window
+
+from stockvol.config import MEDIAN_MODES, Config, apply_overrides
+from stockvol.features import (
+    FeaturesInputError,
+    RollingFeatures,
+    add_rolling_features,
+    compute_features,
+    run,
+)
+from stockvol.schema import (
+    ADJ_CLOSE,
+    ADJ_CLOSE_ROLLING_MED,
+    DATE,
+    FEATURES_SCHEMA,
+    PRICES_SCHEMA,
+    SECURITY_NAME,
+    SYMBOL,
+    VOL_MOVING_AVG,
+    VOLUME,
+)
+from stockvol.storage import TableNotFoundError, read_table, write_table
+
+FIXTURES = Path(__file__).parent / "fixtures" / "kaggle-sample"
+PRICE_NAMES = [f.name for f in PRICES_SCHEMA]
+FEATURE_NAMES = [f.name for f in FEATURES_SCHEMA]
+
+
+# ------------------------------------------------------------- the oracle (pandas and numpy only)
+
+
+def oracle(prices: pd.DataFrame, window: int, median: str) -> pd.DataFrame:
+    """Both features from the definition, per symbol in date order, independently of lib code.
+
+    Mean: the exact integer sum of the window's Volumes (Python ints) divided once, so correctly
+    rounded; ``pandas_mean`` is pandas' own rolling mean. Median: ``approx`` is the
+    ``ceil(window / 2)``-th smallest (Spark's percentile rank; the 15th of 30), ``exact`` is pandas'
+    ``rolling().median()``.
+    """
+    out = prices.sort_values([SYMBOL, DATE]).reset_index(drop=True)
+    groups = out.groupby(SYMBOL, sort=False)
+    position = groups.cumcount().to_numpy()
+    volume = [int(v) for v in out[VOLUME]]
+    out["mean"] = [
+        sum(volume[i - window + 1 : i + 1]) / window if position[i] >= window - 1 else np.nan
+        for i in range(len(out))
+    ]
+    out["pandas_mean"] = groups[VOLUME].transform(lambda s: s.astype(float).rolling(window).mean())
+    if median == "exact":
+        out["median"] = groups[ADJ_CLOSE].transform(lambda s: s.rolling(window).median())
+    else:
+        rank = math.ceil(window / 2) - 1
+        out["median"] = groups[ADJ_CLOSE].transform(
+            lambda s: s.rolling(window).apply(lambda a: np.sort(a)[rank], raw=True)
+        )
+    return out
+
+
+def assert_matches_oracle(features: DataFrame | pd.DataFrame, prices: pd.DataFrame, window: int,
+                          median: str) -> None:  # fmt: skip
+    """Same rows, the median and the exact mean bit for bit, pandas' mean to 1e-9 relative."""
+    got = features.toPandas() if isinstance(features, DataFrame) else features
+    got = got.sort_values([SYMBOL, DATE]).reset_index(drop=True)
+    expected = oracle(prices, window, median)
+    assert len(got) == len(expected)
+    assert got[[SYMBOL, DATE, VOLUME]].equals(expected[[SYMBOL, DATE, VOLUME]])
+    assert np.array_equal(got[ADJ_CLOSE_ROLLING_MED], expected["median"], equal_nan=True)
+    assert np.array_equal(got[VOL_MOVING_AVG], expected["mean"], equal_nan=True)
+    assert np.allclose(
+        got[VOL_MOVING_AVG], expected["pandas_mean"], rtol=1e-9, atol=0, equal_nan=True
+    )
+
+
+# ---------------------------------------------------------------- data
+
+
+def business_days(count: int, start: date = date(2015, 1, 2)) -> list[str]:
+    days, day = [], start
+    while len(days) < count:
+        if day.weekday() < 5:
+            days.append(day.isoformat())
+        day += timedelta(days=1)
+    return days
+
+
+def generated_prices(lengths: dict[str, int], seed: int) -> pd.DataFrame:
+    """Random prices with ties (values on a coarse grid), zeros, and volumes up to 10**11."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for symbol, n in lengths.items():
+        adj = np.round(rng.uniform(0, 5, n), 1)  # few distinct values: many ties
+        adj[rng.random(n) < 0.1] = 0.0
+        volume = rng.integers(0, 10**11, n) // rng.choice([1, 10**6], n)
+        volume[rng.random(n) < 0.1] = 0
+        frames.append(
+            pd.DataFrame(
+                {
+                    SYMBOL: symbol,
+                    SECURITY_NAME: f"{symbol} Inc.",
+                    DATE: business_days(n, date(2010, 1, 4) + timedelta(days=int(rng.integers(9)))),
+                    "Open": adj + 1,
+                    "High": adj + 2,
+                    "Low": adj,
+                    "Close": adj + 0.5,  # fmt: skip
+                    ADJ_CLOSE: adj,
+                    VOLUME: volume.astype(np.int64),
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+def real_sample_prices() -> pd.DataFrame:
+    """The real Kaggle fixture files as prices rows, without the incomplete rows ingest rejects."""
+    meta = pd.read_csv(FIXTURES / "symbols_valid_meta.csv").set_index("NASDAQ Symbol")
+    frames = []
+    for path in sorted(FIXTURES.glob("*/*.csv")):
+        if path.name == "symbols_valid_meta.csv":
+            continue
+        raw = pd.read_csv(path, dtype={DATE: str}).dropna()
+        raw[VOLUME] = raw[VOLUME].astype(np.int64)
+        raw.insert(0, SYMBOL, path.stem)
+        raw.insert(1, SECURITY_NAME, meta.loc[path.stem, "Security Name"].strip())
+        frames.append(raw)
+    return pd.concat(frames, ignore_index=True)[PRICE_NAMES]
+
+
+def prices_frame(spark: SparkSession, prices: pd.DataFrame, partitions: int = 2) -> DataFrame:
+    """``prices`` in Spark, split into ``partitions`` slices in the given row order."""
+    rows = [tuple(r) for r in prices[PRICE_NAMES].itertuples(index=False)]
+    rows = [(*r[:-1], int(r[-1])) for r in rows]
+    return spark.createDataFrame(spark.sparkContext.parallelize(rows, partitions), PRICES_SCHEMA)
+
+
+def shuffled(prices: pd.DataFrame, seed: int) -> pd.DataFrame:
+    return prices.sample(frac=1.0, random_state=seed).reset_index(drop=True)
+
+
+@pytest.fixture
+def small_batches(spark: SparkSession) -> Iterator[None]:
+    """Arrow batches of 7 rows, so windows cross batch boundaries many times."""
+    key = "spark.sql.execution.arrow.maxRecordsPerBatch"
+    before = spark.conf.get(key)
+    spark.conf.set(key, "7")
+    yield
+    spark.conf.set(key, before)
+
+
+def with_window(config: Config, window: int, median: str = "approx", fmt: str = "delta") -> Config:
+    return apply_overrides(config, window=window, median=median, storage_format=fmt)
+
+
+# ---------------------------------------------------------------- hand-computed cases (chispa)
+
+# Two symbols, interleaved and unsorted; AAA has calendar gaps (a window counts rows, not days),
+# ties and zeros. Columns: Symbol, Date, Adj Close, Volume.
+HAND_ROWS = [
+    ("BBB", "2020-01-08", 4.0, 3),
+    ("AAA", "2020-02-10", 0.0, 9),
+    ("AAA", "2020-01-02", 5.0, 0),
+    ("BBB", "2020-01-03", 2.0, 7),
+    ("AAA", "2020-02-11", 9.0, 6),
+    ("AAA", "2020-01-07", 1.0, 0),
+    ("BBB", "2020-01-06", 2.0, 0),
+    ("AAA", "2020-01-03", 5.0, 3),
+    ("BBB", "2020-01-07", 2.0, 2),
+]
+
+# (Symbol, Date) -> (mean, median) worked out by hand; absent = both null.
+HAND_WINDOW_3 = {
+    ("AAA", "2020-01-07"): ((0 + 3 + 0) / 3, 5.0),  # [5, 5, 1] -> 5
+    ("AAA", "2020-02-10"): ((3 + 0 + 9) / 3, 1.0),  # [5, 1, 0] -> 1
+    ("AAA", "2020-02-11"): ((0 + 9 + 6) / 3, 1.0),  # [1, 0, 9] -> 1
+    ("BBB", "2020-01-07"): ((7 + 0 + 2) / 3, 2.0),  # [2, 2, 2] -> 2
+    ("BBB", "2020-01-08"): ((0 + 2 + 3) / 3, 2.0),  # [2, 2, 4] -> 2
+}
+# Window 4: approx takes the 2nd smallest of 4, exact the mean of the 2nd and 3rd.
+HAND_WINDOW_4 = {
+    "approx": {
+        ("AAA", "2020-02-10"): (3.0, 1.0),  # [0, 1, 5, 5]
+        ("AAA", "2020-02-11"): (4.5, 1.0),  # [0, 1, 5, 9]
+        ("BBB", "2020-01-08"): (3.0, 2.0),  # [2, 2, 2, 4]
+    },
+    "exact": {
+        ("AAA", "2020-02-10"): (3.0, 3.0),
+        ("AAA", "2020-02-11"): (4.5, 3.0),
+        ("BBB", "2020-01-08"): (3.0, 2.0),
+    },
+}
+
+
+def hand_prices(spark: SparkSession) -> DataFrame:
+    rows = [(s, f"{s} Corp", d, adj, adj, adj, adj, adj, v) for s, d, adj, v in HAND_ROWS]
+    return spark.createDataFrame(rows, PRICES_SCHEMA)
+
+
+def hand_expected(
+    spark: SparkSession, values: dict[tuple[str, str], tuple[float, float]]
+) -> DataFrame:
+    rows = [
+        (s, f"{s} Corp", d, adj, adj, adj, adj, adj, v, *values.get((s, d), (None, None)))
+        for s, d, adj, v in HAND_ROWS
+    ]
+    return spark.createDataFrame(rows, FEATURES_SCHEMA)
+
+
+def test_run_uses_window_from_config_over_rows_not_days(
+    spark: SparkSession, config: Config
+) -> None:
+    config = with_window(config, 3)
+    write_table(hand_prices(spark), config.prices_path, "delta")
+    summary = run(spark, config)
+    got = read_table(spark, config.features_path, "delta")
+    assert_df_equality(got, hand_expected(spark, HAND_WINDOW_3), ignore_row_order=True,
+                       ignore_nullable=True)  # fmt: skip
+    assert (summary.rows_in, summary.rows_out) == (9, 9)
+
+
+@pytest.mark.parametrize("median", MEDIAN_MODES)
+def test_even_window_medians_per_mode(spark: SparkSession, median: str) -> None:
+    got = add_rolling_features(hand_prices(spark), 4, median)
+    assert_df_equality(got, hand_expected(spark, HAND_WINDOW_4[median]), ignore_row_order=True,
+                       ignore_nullable=True)  # fmt: skip
+
+
+def test_first_window_minus_one_rows_of_each_symbol_are_null(spark: SparkSession) -> None:
+    prices = shuffled(generated_prices({"AAA": 31, "BBB": 29, "CCC": 30}, seed=3), seed=4)
+    got = add_rolling_features(prices_frame(spark, prices, 3), 30, "approx")
+    nulls = got.groupBy(SYMBOL).agg(
+        F.count(F.when(F.col(VOL_MOVING_AVG).isNull(), 1)).alias("null_mean"),
+        F.count(F.when(F.col(ADJ_CLOSE_ROLLING_MED).isNull(), 1)).alias("null_median"),
+        F.min(F.when(F.col(VOL_MOVING_AVG).isNotNull(), F.col(DATE))).alias("first_date"),
+    )
+    expected = spark.createDataFrame(
+        [
+            ("AAA", 29, 29, sorted(prices[prices[SYMBOL] == "AAA"][DATE])[29]),
+            ("BBB", 29, 29, None),
+            ("CCC", 29, 29, sorted(prices[prices[SYMBOL] == "CCC"][DATE])[29]),
+        ],
+        "Symbol string, null_mean bigint, null_median bigint, first_date string",
+    )
+    assert_df_equality(nulls, expected, ignore_row_order=True, ignore_nullable=True)
+
+
+# ---------------------------------------------------------- the oracle on generated and real data
+
+
+@pytest.mark.parametrize("median", MEDIAN_MODES)
+def test_generated_data_equals_oracle_with_and_without_shuffle(
+    spark: SparkSession, median: str, small_batches: None
+) -> None:
+    lengths = {"A": 1, "B": 29, "C": 30, "D": 31, "E": 200, "F": 75, "G": 64}
+    prices = generated_prices(lengths, seed=11)
+    # Whole symbols per slice (the in-place path), except G, whose rows are spread over both slices
+    # (the shuffled path), in shuffled order within each slice.
+    clustered = prices[prices[SYMBOL] != "G"]
+    spread = shuffled(prices[prices[SYMBOL] == "G"], seed=5)
+    half = len(spread) // 2
+    first = shuffled(pd.concat([clustered[clustered[SYMBOL] <= "C"], spread[:half]]), seed=6)
+    second = shuffled(pd.concat([clustered[clustered[SYMBOL] > "C"], spread[half:]]), seed=7)
+    rows = prices_frame(spark, first, 1).union(prices_frame(spark, second, 1))
+    features, how = compute_features(rows, 30, median)
+    assert how["symbols_shuffled"] >= 1
+    assert_matches_oracle(features, prices, 30, median)
+
+
+@pytest.mark.parametrize("median", MEDIAN_MODES)
+def test_real_sample_equals_oracle(spark: SparkSession, median: str) -> None:
+    prices = real_sample_prices()
+    features, _ = compute_features(prices_frame(spark, prices, 2), 30, median)
+    assert_matches_oracle(features, prices, 30, median)
+
+
+@pytest.mark.parametrize("window", [30, 4, 3])
+def test_approx_mode_is_spark_percentile_approx(spark: SparkSession, window: int) -> None:
+    """The claim behind ``approx``: Spark's percentile_approx(x, 0.5) over n values is the
+    ceil(n/2)-th smallest, so our exact kernel reproduces it, ties and zeros included."""
+    prices = generated_prices({"AAA": 90, "BBB": 45}, seed=21)
+    rows = prices_frame(spark, prices)
+    frame = Window.partitionBy(SYMBOL).orderBy(DATE).rowsBetween(-(window - 1), 0)
+    spark_median = (
+        rows.withColumn("n", F.count("*").over(frame))
+        .withColumn("spark", F.percentile_approx(ADJ_CLOSE, 0.5).over(frame))
+        .where(F.col("n") == window)
+        .select(SYMBOL, DATE, F.col("spark").alias(ADJ_CLOSE_ROLLING_MED))
+    )
+    ours = add_rolling_features(rows, window, "approx").where(
+        F.col(ADJ_CLOSE_ROLLING_MED).isNotNull()
+    )
+    assert_df_equality(ours.select(SYMBOL, DATE, ADJ_CLOSE_ROLLING_MED), spark_median,
+                       ignore_row_order=True, ignore_nullable=True)  # fmt: skip
+
+
+# ---------------------------------------------------------------- the kernel alone, any batch split
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    window=st.sampled_from([1, 2, 3, 4, 5, 30]),
+    median=st.sampled_from(MEDIAN_MODES),
+    lengths=st.lists(st.integers(1, 70), min_size=1, max_size=4),
+    cuts=st.lists(st.integers(0, 280), max_size=8),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_equals_oracle_whatever_the_batch_boundaries(
+    window: int, median: str, lengths: list[int], cuts: list[int], seed: int
+) -> None:
+    prices = generated_prices({f"S{i}": n for i, n in enumerate(lengths)}, seed)
+    prices = prices.sort_values([SYMBOL, DATE]).reset_index(drop=True)
+    table = pa.Table.from_pandas(prices, preserve_index=False)
+    bounds = [0, *sorted(c for c in cuts if c < len(prices)), len(prices)]
+    # Cut points may repeat: empty batches are part of the test.
+    batches = [batch for a, b in pairwise(bounds) for batch in table.slice(a, b - a).to_batches()]
+    out = pa.Table.from_batches(list(RollingFeatures(window, median)(iter(batches)))).to_pandas()
+    assert_matches_oracle(out, prices, window, median)
+
+
+# ---------------------------------------------------------------- bad input, formats, the job
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda p: pd.concat([p, p.iloc[[40]]]), "has Date 2010-"),
+        (
+            lambda p: p.assign(**{VOLUME: p[VOLUME].astype("Int64").mask(p.index == 3)}),
+            "null Volume",
+        ),
+        (
+            lambda p: p.assign(**{ADJ_CLOSE: p[ADJ_CLOSE].mask(p.index == 3, np.nan)}),
+            "NaN Adj Close",
+        ),
+    ],
+    ids=["duplicate-date", "null-volume", "nan-adj-close"],
+)
+def test_bad_prices_fail_clearly_and_keep_the_previous_features(
+    spark: SparkSession, config: Config, change, message: str
+) -> None:
+    config = with_window(config, 30, fmt="parquet")
+    prices = generated_prices({"AAA": 60}, seed=2)
+    write_table(prices_frame(spark, prices), config.prices_path, "parquet")
+    run(spark, config)
+    bad = change(prices)
+    rows = [
+        (*r[:-1], None if pd.isna(r[-1]) else int(r[-1]))
+        for r in bad[PRICE_NAMES].itertuples(index=False)
+    ]
+    write_table(spark.createDataFrame(rows, PRICES_SCHEMA), config.prices_path, "parquet")
+    with pytest.raises(FeaturesInputError, match=message):
+        run(spark, config)
+    assert read_table(spark, config.features_path, "parquet").count() == 60
+
+
+def test_missing_prices_table_names_the_job_to_run(spark: SparkSession, config: Config) -> None:
+    with pytest.raises(TableNotFoundError, match="ingest writes prices"):
+        run(spark, config)
+
+
+def test_parquet_output_has_the_features_schema(spark: SparkSession, config: Config) -> None:
+    config = with_window(config, 30, median="exact", fmt="parquet")
+    prices = generated_prices({"AAA": 40, "BBB": 35}, seed=8)
+    write_table(prices_frame(spark, prices), config.prices_path, "parquet")
+    run(spark, config)
+    got = read_table(spark, config.features_path, "parquet")
+    assert got.columns == FEATURE_NAMES
+    assert [f.dataType for f in got.schema] == [f.dataType for f in FEATURES_SCHEMA]
+    assert_matches_oracle(got, prices, 30, "exact")
