@@ -7,8 +7,10 @@ differ (free ports on 127.0.0.1, so a second run or another cluster on 7077 cann
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -60,18 +62,31 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandaloneClus
 
 
 def submit(cluster: StandaloneCluster, script: str, *args: str, **env: str) -> str:
-    """Run one of the docker/ scripts against the cluster; return its output, fail with it."""
-    result = subprocess.run(  # noqa: S603 - our own script
+    """Run one of the docker/ scripts against the cluster; return its output, fail with it.
+
+    The script runs in its own process group, killed whatever happens, so a hung or failed
+    submission leaves no driver behind.
+    """
+    process = subprocess.Popen(  # noqa: S603 - our own script
         [str(DOCKER_DIR / script), *args],
         env={**cluster.environment(), "SPARK_EXECUTOR_MEMORY": "1g", **env},
         stdin=subprocess.DEVNULL,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=SUBMIT_TIMEOUT,
+        start_new_session=True,
     )
-    output = f"{result.stdout}\n{result.stderr}"
-    assert result.returncode == 0, (
-        f"{script} exited {result.returncode}:\n{output[-6000:]}\n"
+    try:
+        output, _ = process.communicate(timeout=SUBMIT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"{script} did not finish in {SUBMIT_TIMEOUT} s:\n{output[-6000:]}")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, (
+        f"{script} exited {process.returncode}:\n{output[-6000:]}\n"
         f"--- worker log ---\n{cluster.log_tail('worker')}"
     )
     return output

@@ -23,7 +23,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,7 +123,6 @@ class StandaloneCluster:
             SPARK_WORKER_DIR=str(self.base_dir / "work"),
             SPARK_LOCAL_DIRS=str(self.base_dir / "local"),
             SPARK_LOG_DIR=str(self.base_dir / "logs"),
-            SPARK_PID_DIR=str(self.base_dir),
             SPARK_DRIVER_HOST=self.host,
             PYSPARK_PYTHON=self.python,
             PYSPARK_DRIVER_PYTHON=self.python,
@@ -131,14 +130,22 @@ class StandaloneCluster:
         return env
 
     def start(self, timeout: float = 180.0) -> None:
-        """Start the master, then the worker; return once the worker is registered and ALIVE."""
+        """Start the master, then the worker; return once the master lists the worker ALIVE.
+
+        Readiness is the compose health check's own test (:func:`health`). On any failure both
+        daemons are stopped and ClusterError carries the tail of the failing daemon's log.
+        """
         for name in ("logs", "work", "local"):
             (self.base_dir / name).mkdir(parents=True, exist_ok=True)
         try:
             self._launch("master", "spark-master.sh")
-            self._wait(lambda state: state.get("status") == "ALIVE", "master", timeout)
+            self._wait("master", lambda: health(self.master_webui_url, timeout=2.0), timeout)
             self._launch("worker", "spark-worker.sh")
-            self._wait(lambda state: bool(alive_workers(state)), "worker", timeout)
+            self._wait(
+                "worker",
+                lambda: health(self.master_webui_url, self.worker_webui_url, timeout=2.0),
+                timeout,
+            )
         except BaseException:
             self.stop()
             raise
@@ -157,17 +164,18 @@ class StandaloneCluster:
             )
         self.pids[daemon] = process.pid
 
-    def _wait(self, ready: Any, daemon: str, timeout: float) -> None:
+    def _wait(self, daemon: str, problem: Callable[[], str | None], timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        last = "not checked yet"
         while time.monotonic() < deadline:
             if not _running(self.pids[daemon]):
                 raise ClusterError(f"the {daemon} exited at start-up:\n{self.log_tail(daemon)}")
-            with contextlib.suppress(OSError, ValueError):
-                if ready(self.master_state(timeout=2.0)):
-                    return
+            last = problem()
+            if last is None:
+                return
             time.sleep(0.5)
         raise ClusterError(
-            f"the {daemon} was not ready after {timeout:.0f} s:\n{self.log_tail(daemon)}"
+            f"the {daemon} was not ready after {timeout:.0f} s ({last}):\n{self.log_tail(daemon)}"
         )
 
     def master_state(self, timeout: float = 5.0) -> dict[str, Any]:
