@@ -167,7 +167,7 @@ def test_every_file_the_spark_image_copies_exists_and_is_in_the_build_context() 
 
 def test_dockerignore_keeps_secrets_the_venv_data_and_git_out_of_the_build_context() -> None:
     ignored = {line.strip() for line in (PROJECT_ROOT / ".dockerignore").read_text().splitlines()}
-    assert {".env", ".venv", "data", ".git"} <= ignored
+    assert {"**/.env", "**/.env.*", "**/kaggle.json", ".venv", "data", ".git"} <= ignored
 
 
 def test_env_example_has_empty_kaggle_placeholders_and_env_is_never_committed() -> None:
