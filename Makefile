@@ -11,6 +11,7 @@ SPARK_SUBMIT := $(VENV)/bin/spark-submit --properties-file spark-defaults.conf
 
 .PHONY: setup run download pipeline ingest features train serve test lint format clean
 .PHONY: test-cluster cluster-up cluster-down cluster-pipeline bench bench-sweep bench-serving
+.PHONY: test-load
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,6 +37,11 @@ test: setup  ## lint, then the whole test suite (real Spark, Delta, MLlib, HTTP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
+
+# Bounded load on gunicorn over 127.0.0.1 (docs/reliability.md); fails on any error. LOAD_ARGS to change.
+test-load: setup  ## 12 s at 64 connections against gunicorn; any failed or wrong answer fails
+	$(PY) benchmarks/load_test.py --duration 12 --connections 64 --tiny-model-if-missing \
+		--model-dir $${MODEL_DIR:-$(DATA)/model} --out bench-results/load-ci.json $(LOAD_ARGS)
 
 # A native Spark standalone master + worker (docs/cluster.md); the test starts its own on free ports.
 MASTER ?= spark://127.0.0.1:7077
