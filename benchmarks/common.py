@@ -172,7 +172,7 @@ def run_measured(
     """
     load_before = os.getloadavg()[0]
     lines: list[str] = []
-    log = log_path.open("w") if log_path else None
+    log = log_path.open("w", buffering=1) if log_path else None  # line-buffered: tail -f works
     clock = time.perf_counter()
     proc = subprocess.Popen(
         list(command),

@@ -111,7 +111,7 @@ def plot(results: dict[str, Any], out: Path, title: str | None = None) -> Path:
     left.set_ylim(bottom=0)
     left.legend(fontsize=8, loc="upper left")
     left.grid(alpha=0.3)
-    right.axhline(6, color="red", lw=0.8, ls="--", label="target: 6 GiB")
+    right.axhline(6e9 / 2**30, color="red", lw=0.8, ls="--", label="target: 6 GB")
     right.set_xlabel("data rows (millions)")
     right.set_ylabel("peak resident memory, GiB (JVM + Python workers)")
     right.set_title("peak memory of the stage's process tree")
