@@ -230,6 +230,19 @@ def test_pipeline_runs_on_the_cluster_and_writes_tables_and_model(
     assert len(predictions) == 50 and np.isfinite(predictions).all()
 
 
+def test_pipeline_job_takes_the_common_and_the_train_flags() -> None:
+    pytest.importorskip("stockvol.ingest", reason="the ingest stage has not landed yet")
+    result = subprocess.run(  # noqa: S603
+        [sys.executable, str(PROJECT_ROOT / "jobs" / "pipeline.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    for flag in ("--data-dir", "--master", "--format", "--median", "--num-trees", "--tune"):
+        assert flag in result.stdout
+
+
 def test_master_lists_one_alive_worker_with_the_configured_resources(
     cluster: StandaloneCluster,
 ) -> None:

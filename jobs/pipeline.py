@@ -1,0 +1,24 @@
+"""Ingest -> features -> train in one Spark application: one JVM start, one summary line per stage.
+
+    spark-submit --properties-file spark-defaults.conf jobs/pipeline.py --data-dir data [--tune]
+    docker/submit.sh jobs/pipeline.py --data-dir /data      # on a standalone cluster
+
+Takes the common flags and train's model flags; each stage also runs alone (jobs/<stage>.py).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from stockvol import features, ingest, train
+from stockvol.cli import run_stages
+
+if __name__ == "__main__":
+    sys.exit(
+        run_stages(
+            "Pipeline (ingest -> features -> train) in one Spark application",
+            [ingest.run, features.run, train.run],
+            add_arguments=train.add_arguments,
+            overrides=train.overrides,
+        )
+    )
