@@ -346,13 +346,18 @@ def load_model(
         raise ModelNotFoundError(
             f"no model directory at {path}: train one (make train) or set MODEL_DIR"
         )
+    # Resolve the symlink once: the train job may swap it while we read, and every file must come
+    # from the same version (it keeps the previous version on disk for such readers).
+    resolved = path.resolve()
     try:
-        return _load(path, max_grid_cells)
+        model = _load(resolved, max_grid_cells)
     except ModelError:
         raise
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
         # Anything else unexpected in the files: still a refusal that names the directory.
-        raise ModelFormatError(f"cannot read the model in {path}: {err!r}") from err
+        raise ModelFormatError(f"cannot read the model in {resolved}: {err!r}") from err
+    model.info["model_dir"] = str(path)
+    return model
 
 
 def _load(path: Path, max_grid_cells: int) -> ServingModel:
@@ -395,7 +400,7 @@ def _load(path: Path, max_grid_cells: int) -> ServingModel:
 
     info: dict[str, Any] = {
         "model_dir": str(path),
-        "resolved_dir": str(path.resolve()),
+        "resolved_dir": str(path),
         "loaded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "trained_at": _iso_millis(pipeline.get("timestamp")),
         "spark_version": pipeline.get("sparkVersion"),
@@ -449,3 +454,25 @@ def _training_data(metrics: dict[str, Any]) -> dict[str, Any]:
         "delta_version": lineage.get("delta_version"),
         "spark_version": lineage.get("spark_version"),
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m serving.forest DIR``: check a model directory before pointing a server at it."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("model_dir", help="a Spark PipelineModel directory (or a symlink to one)")
+    args = parser.parse_args(argv)
+    try:
+        model = load_model(args.model_dir)
+    except ModelError as err:
+        print(f"{type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    summary = {key: model.info[key] for key in ("resolved_dir", "trained_at", "forest")}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

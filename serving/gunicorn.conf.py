@@ -15,3 +15,6 @@ graceful_timeout = 20
 accesslog = os.environ.get("ACCESS_LOG") or None
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")
+# With a pid file, `kill -USR2 $(cat PIDFILE)` starts a second master (and workers) on the same
+# socket, for the zero-downtime model swap in docs/serving.md.
+pidfile = os.environ.get("PIDFILE") or None
