@@ -1,0 +1,1 @@
+"""Single-machine reference implementations of ingest + features (the yardsticks of the target)."""
