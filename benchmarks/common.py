@@ -34,23 +34,54 @@ SUMMARY_LINE = re.compile(
 )
 
 
+@dataclass(frozen=True)
+class ProcessMemory:
+    """One process of a tree at one moment: its parent, its executable's name, its RSS."""
+
+    pid: int
+    ppid: int
+    exe: str
+    rss: int
+
+
+def process_kind(exe: str) -> str:
+    name = os.path.basename(exe).lower()
+    return "jvm" if name == "java" else "python" if name.startswith("python") else "other"
+
+
+def sum_tree(processes: Sequence[ProcessMemory]) -> dict[str, int]:
+    """Total RSS of a process tree and its JVM/Python split, each address space counted once.
+
+    A JVM starts a process (the Python worker daemon) with posix_spawn: for a moment the child
+    shares the JVM's address space and reports the JVM's whole RSS before it execs. Such a child
+    (a ``java`` executable whose parent is a JVM of the tree) is skipped: counting it would
+    double the JVM. Local mode never starts a real JVM under the driver JVM.
+    """
+    totals = {"total": 0, "jvm": 0, "python": 0, "other": 0, "processes": 0}
+    jvms = {p.pid for p in processes if process_kind(p.exe) == "jvm"}
+    for proc in processes:
+        kind = process_kind(proc.exe)
+        if kind == "jvm" and proc.ppid in jvms:
+            continue
+        totals[kind] += proc.rss
+        totals["total"] += proc.rss
+        totals["processes"] += 1
+    return totals
+
+
 def tree_memory(root: psutil.Process) -> dict[str, int]:
     """Resident bytes of ``root`` and every descendant, summed, and split into JVM and Python."""
-    totals = {"total": 0, "jvm": 0, "python": 0, "other": 0, "processes": 0}
     try:
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:  # the root has exited: nothing is held any more
-        return totals
+        procs = []
+    seen = []
     for proc in procs:
         # A worker may exit between listing and reading: it simply holds nothing any more.
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            rss = proc.memory_info().rss
-            name = proc.name().lower()
-            kind = "jvm" if name == "java" else "python" if name.startswith("python") else "other"
-            totals[kind] += rss
-            totals["total"] += rss
-            totals["processes"] += 1
-    return totals
+        gone = (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess)
+        with contextlib.suppress(*gone), proc.oneshot():
+            seen.append(ProcessMemory(proc.pid, proc.ppid(), proc.exe(), proc.memory_info().rss))
+    return sum_tree(seen)
 
 
 class PeakMemory:

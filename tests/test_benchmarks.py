@@ -232,3 +232,21 @@ def test_plot_writes_a_png_with_a_line_per_stage(tmp_path: Path) -> None:
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     growth = bench.linear_growth(results)
     assert len(growth) == 3 and all("fit R² 1.000" in line for line in growth)
+
+
+def test_a_child_sharing_the_jvm_address_space_is_not_counted_twice() -> None:
+    java, python = "/usr/lib/jvm/java-17/bin/java", "/work/.venv/bin/python3.11"
+    tree = [
+        common.ProcessMemory(10, 1, java, 3000),  # the driver JVM
+        common.ProcessMemory(11, 10, java, 3000),  # posix_spawn child before exec: same memory
+        common.ProcessMemory(12, 10, python, 200),  # pyspark.daemon
+        common.ProcessMemory(13, 12, python, 150),  # a forked worker
+        common.ProcessMemory(14, 10, "/usr/bin/bash", 5),
+    ]
+    assert common.sum_tree(tree) == {
+        "total": 3355,
+        "jvm": 3000,
+        "python": 350,
+        "other": 5,
+        "processes": 4,
+    }
