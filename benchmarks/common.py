@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -160,6 +161,7 @@ class Measured:
     seconds: float
     peak_rss_bytes: int
     peak_split: dict[str, int] = field(default_factory=dict)
+    cpu_seconds: float = 0.0
     max_processes: int = 0
     timed_out: bool = False
     log_path: str | None = None
@@ -202,6 +204,9 @@ def run_measured(
     ends the JVM and its workers too, never anything else.
     """
     load_before = os.getloadavg()[0]
+    # CPU of every descendant that was waited for (JVM, driver, workers): the kernel adds a reaped
+    # child's time, and what it had of its own reaped children, to its parent's RUSAGE_CHILDREN.
+    usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     lines: list[str] = []
     log = log_path.open("w", buffering=1) if log_path else None  # line-buffered: tail -f works
     clock = time.perf_counter()
@@ -238,10 +243,14 @@ def run_measured(
             timer.cancel()
         if log:
             log.close()
+    seconds = time.perf_counter() - clock
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (usage.ru_utime + usage.ru_stime) - (usage_before.ru_utime + usage_before.ru_stime)
     return Measured(
         command=list(command),
         returncode=proc.returncode,
-        seconds=time.perf_counter() - clock,
+        seconds=seconds,
+        cpu_seconds=cpu,
         peak_rss_bytes=memory.peak,
         peak_split=memory.peak_split,
         max_processes=memory.max_processes,
