@@ -1,0 +1,204 @@
+"""Ingest on real Kaggle files plus generated bad ones: typed prices, reasoned rejects."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from chispa import assert_df_equality
+from pyspark.sql import SparkSession
+
+from stockvol.config import Config, apply_overrides
+from stockvol.ingest import IngestInputError, classify, run
+from stockvol.schema import CSV_COLUMNS, PRICES_SCHEMA
+from stockvol.storage import read_table
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+HEADER = ",".join(CSV_COLUMNS)
+BAD_FILE = """\
+2020-02-30,1,2,0.5,1.5,1.4,100
+2020-01-03,x,2,0.5,1.5,1.4,100
+2020-01-03,1,2,0.5,1.5,1.4,100
+2020-01-03,1,2,0.5,1.5,1.4,101
+2020-01-06,1,2,0.5,1.5,1.4,-5
+2020-01-07,1,2,0.5,1.5,1.4,5.5
+2020-01-08,1,2
+2020-01-09,1,2,0.5,1.5,1.4,7,9
+2020-01-10,NaN,2,0.5,1.5,1.4,7
+2020-01-13,1,2,0.5,1.5,1.4,99999999999999999999
+2020-01-14,1,2,0.5,1.5,1.4,806400.0
+"""
+EXPECTED_BAD_REASONS = {
+    "2020-02-30": "bad_date",
+    "x": "bad_number",
+    "101": "duplicate_date",
+    "-5": "negative_volume",
+    "5.5": "bad_number",
+    "2020-01-08": "malformed_line",
+    "2020-01-09": "malformed_line",
+    "NaN": "bad_number",
+    "99999999999999999999": "bad_number",
+}
+
+
+def _raw_folder(root: Path) -> Path:
+    """Real Kaggle fixtures plus generated files with every quirk ingest must survive."""
+    raw = root / "raw"
+    shutil.copytree(FIXTURES / "kaggle-sample", raw, ignore=shutil.ignore_patterns("*.md"))
+    good = f"{HEADER}\n2020-01-02,1.0,2.0,0.5,1.5,1.4,100\n"
+    (raw / "stocks" / "BAD.csv").write_text(f"{HEADER}\n{BAD_FILE}")
+    (raw / "stocks" / "HDRONLY.csv").write_text(f"{HEADER}\n")
+    (raw / "stocks" / "AGM-A.csv").write_text(good)  # meta Symbol AGM$A, NASDAQ Symbol AGM-A
+    (raw / "stocks" / "CARR#.csv").write_text(good)
+    (raw / "stocks" / "LGF.B.csv").write_text(good)
+    (raw / "etfs" / "CARR#.csv").write_text(good)  # in both folders: stocks/ wins
+    (raw / "etfs" / "NOHEADER.csv").write_text("2020-01-02,1,2,0.5,1.5,1.4,100\n")
+    (raw / "etfs" / "EMPTY.csv").write_bytes(b"")
+    return raw
+
+
+@pytest.fixture(scope="module")
+def ingested(spark: SparkSession, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Run the real ingest once per format on the same raw folder."""
+    root = tmp_path_factory.mktemp("ingest")
+    raw = _raw_folder(root)
+    results = {}
+    for storage_format in ("delta", "parquet"):
+        config = apply_overrides(Config(data_dir=root), storage_format=storage_format)
+        config = apply_overrides(config, data_dir=root / storage_format)
+        shutil.copytree(raw, config.raw_dir)
+        summary = run(spark, config)
+        results[storage_format] = (config, summary)
+    return results
+
+
+def _lines_per_file(raw: Path) -> dict[str, int]:
+    """Data lines per file, counted with plain Python: the oracle for 'nothing lost'."""
+    counts = {}
+    for path in sorted([*raw.glob("stocks/*.csv"), *raw.glob("etfs/*.csv")]):
+        lines = path.read_bytes().splitlines()
+        has_header = bool(lines) and lines[0].decode() == HEADER
+        counts[f"{path.parent.name}/{path.name}"] = len(lines) - (1 if has_header else 0)
+    return counts
+
+
+@pytest.mark.parametrize("storage_format", ["delta", "parquet"])
+def test_prices_has_the_contract_columns_and_types(
+    spark: SparkSession, ingested: dict, storage_format: str
+) -> None:
+    config, _ = ingested[storage_format]
+    prices = read_table(spark, config.prices_path, storage_format)
+    assert [(f.name, f.dataType) for f in prices.schema.fields] == [
+        (f.name, f.dataType) for f in PRICES_SCHEMA.fields
+    ]
+
+
+@pytest.mark.parametrize("storage_format", ["delta", "parquet"])
+def test_every_line_is_in_prices_or_rejects(
+    spark: SparkSession, ingested: dict, storage_format: str
+) -> None:
+    config, summary = ingested[storage_format]
+    expected = _lines_per_file(config.raw_dir)
+    rejects = read_table(spark, config.rejects_path, storage_format).toPandas()
+    prices = read_table(spark, config.prices_path, storage_format).toPandas()
+    rejected = rejects.groupby("source_file").size()
+    # Kept rows per file: every symbol's kept rows come from one file here but CARR#, whose
+    # etfs/ copy is wholly rejected as duplicates.
+    kept = prices.groupby("Symbol").size()
+    for file, lines in expected.items():
+        symbol = Path(file).name.removesuffix(".csv")
+        kept_here = 0 if file == "etfs/CARR#.csv" else int(kept.get(symbol, 0))
+        assert kept_here + int(rejected.get(file, 0)) == lines, file
+    assert summary.rows_in == sum(expected.values())
+    assert summary.rows_out + summary.rows_rejected == summary.rows_in
+
+
+def test_prices_equal_an_independent_pandas_reading(spark: SparkSession, ingested: dict) -> None:
+    config, _ = ingested["delta"]
+    prices = read_table(spark, config.prices_path, "delta").toPandas()
+    for path in sorted((FIXTURES / "kaggle-sample").glob("*/*.csv")):
+        # round_trip: the exactly-rounded parse (pandas' default fast parser may be off by 1 ulp).
+        oracle = pd.read_csv(path, dtype={"Date": str}, float_precision="round_trip").dropna()
+        got = prices[prices["Symbol"] == path.stem].sort_values("Date").reset_index(drop=True)
+        assert got["Date"].tolist() == oracle["Date"].tolist(), path.name
+        for column in ("Open", "High", "Low", "Close", "Adj Close"):
+            np.testing.assert_array_equal(got[column].to_numpy(), oracle[column].to_numpy())
+        np.testing.assert_array_equal(
+            got["Volume"].to_numpy(), oracle["Volume"].to_numpy().astype(np.int64)
+        )
+
+
+def test_date_only_rows_of_the_real_files_are_rejected_as_missing_values(
+    spark: SparkSession, ingested: dict
+) -> None:
+    config, _ = ingested["delta"]
+    rejects = read_table(spark, config.rejects_path, "delta").toPandas()
+    missing = rejects[rejects["reason"] == "missing_values"]
+    assert sorted(zip(missing["Symbol"], missing["Date"], strict=True)) == [
+        ("HBAN", "2001-09-13"),
+        ("KO", "2001-09-12"),
+    ]
+
+
+def test_each_bad_line_gets_its_reason(spark: SparkSession, ingested: dict) -> None:
+    config, _ = ingested["delta"]
+    rejects = read_table(spark, config.rejects_path, "delta").toPandas()
+    bad = rejects[rejects["source_file"] == "stocks/BAD.csv"]
+    found = {}
+    for _, row in bad.iterrows():
+        for key in EXPECTED_BAD_REASONS:
+            if key in (row["Date"], row["Open"], row["Volume"]):
+                found[key] = row["reason"]
+    assert found == EXPECTED_BAD_REASONS
+    assert len(bad) == len(EXPECTED_BAD_REASONS)
+
+
+def test_float_spelled_whole_volume_is_kept(spark: SparkSession, ingested: dict) -> None:
+    config, _ = ingested["delta"]
+    prices = read_table(spark, config.prices_path, "delta")
+    row = prices.filter("Symbol = 'BAD' AND Date = '2020-01-14'").collect()[0]
+    assert row["Volume"] == 806400
+
+
+def test_names_come_from_the_nasdaq_symbol_column_trimmed(
+    spark: SparkSession, ingested: dict
+) -> None:
+    config, _ = ingested["delta"]
+    prices = read_table(spark, config.prices_path, "delta").toPandas()
+    names = dict(zip(prices["Symbol"], prices["Security Name"], strict=True))
+    meta = pd.read_csv(FIXTURES / "kaggle-sample" / "symbols_valid_meta.csv", dtype=str)
+    by_file_name = dict(zip(meta["NASDAQ Symbol"], meta["Security Name"].str.strip(), strict=True))
+    for symbol in ("AGM-A", "CARR#", "LGF.B", "HBAN", "VSL"):
+        assert names[symbol] == by_file_name[symbol]
+    assert names["BAD"] is None
+
+
+def test_summary_reports_odd_files(ingested: dict) -> None:
+    _, summary = ingested["delta"]
+    assert summary.details["header_only_files"] == ["stocks/HDRONLY.csv"]
+    assert summary.details["empty_files"] == ["etfs/EMPTY.csv"]
+    assert summary.details["bad_header_files"] == ["etfs/NOHEADER.csv"]
+    assert "BAD" in summary.details["symbols_without_metadata"]
+
+
+def test_classify_marks_only_the_bad_rows(spark: SparkSession) -> None:
+    rows = [
+        ("stocks/A.csv", "A", 0, "2020-01-02", "1", "2", "0.5", "1.5", "1.4", "100", None),
+        ("stocks/A.csv", "A", 1, "2019-02-29", "1", "2", "0.5", "1.5", "1.4", "100", None),
+        ("stocks/A.csv", "A", 2, "2020-01-03", "", "", "", "", "", "", None),
+    ]
+    columns = ["source_file", "Symbol", "line_order", *CSV_COLUMNS, "_corrupt_record"]
+    got = classify(spark.createDataFrame(rows, columns), []).select("line_order", "reason")
+    expected = spark.createDataFrame(
+        [(0, None), (1, "bad_date"), (2, "missing_values")], "line_order long, reason string"
+    )
+    assert_df_equality(got, expected, ignore_nullable=True, ignore_row_order=True)
+
+
+def test_a_missing_raw_folder_is_a_clear_error(spark: SparkSession, tmp_path: Path) -> None:
+    with pytest.raises(IngestInputError, match="jobs/download.py"):
+        run(spark, Config(data_dir=tmp_path))
