@@ -73,6 +73,9 @@ def sum_tree(processes: Sequence[ProcessMemory]) -> dict[str, int]:
 def tree_memory(root: psutil.Process) -> dict[str, int]:
     """Resident bytes of ``root`` and every descendant, summed, and split into JVM and Python."""
     try:
+        # A fresh handle: psutil caches exe() per object, and the root may have exec'd since
+        # (spark-submit is a shell script that execs the JVM under the same pid).
+        root = psutil.Process(root.pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:  # the root has exited: nothing is held any more
         procs = []

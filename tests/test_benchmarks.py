@@ -266,3 +266,13 @@ def test_cpu_seconds_include_the_grandchildren() -> None:
     measured = common.run_measured([sys.executable, "-c", script])
     assert measured.returncode == 0
     assert measured.cpu_seconds >= 0.5
+
+
+def test_a_root_that_execs_is_classified_by_what_it_became() -> None:
+    # As spark-submit does: a shell that execs the real program under the same pid.
+    script = "import numpy as np, time; a = np.ones(120 * 2**20, np.uint8); time.sleep(1.5)"
+    command = ["/bin/sh", "-c", f"sleep 0.5; exec {sys.executable} -c '{script}'"]
+    measured = common.run_measured(command, interval=0.05)
+    assert measured.returncode == 0
+    assert measured.peak_split["python"] >= 120 * MIB
+    assert measured.peak_split["other"] == 0
