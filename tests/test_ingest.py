@@ -191,8 +191,11 @@ def test_classify_marks_only_the_bad_rows(spark: SparkSession) -> None:
         ("stocks/A.csv", "A", 1, "2019-02-29", "1", "2", "0.5", "1.5", "1.4", "100", None),
         ("stocks/A.csv", "A", 2, "2020-01-03", "", "", "", "", "", "", None),
     ]
-    columns = ["source_file", "Symbol", "line_order", *CSV_COLUMNS, "_corrupt_record"]
-    got = classify(spark.createDataFrame(rows, columns), []).select("line_order", "reason")
+    schema = ", ".join(
+        f"`{name}` string"
+        for name in ["source_file", "Symbol", "line_order", *CSV_COLUMNS, "_corrupt_record"]
+    ).replace("`line_order` string", "`line_order` long")
+    got = classify(spark.createDataFrame(rows, schema), []).select("line_order", "reason")
     expected = spark.createDataFrame(
         [(0, None), (1, "bad_date"), (2, "missing_values")], "line_order long, reason string"
     )
