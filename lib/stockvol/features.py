@@ -12,7 +12,7 @@ by symbol first. Both paths run the same kernel, so the result is identical.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,24 +20,25 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from numpy.lib.stride_tricks import sliding_window_view
 from pyspark.errors import PythonException
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.types import DoubleType, StructField, StructType
 
 from stockvol.cli import PipelineError
 from stockvol.config import MEDIAN_MODES, Config
 from stockvol.schema import (
     ADJ_CLOSE,
-    ADJ_CLOSE_ROLLING_MED,
     DATE,
-    FEATURES_SCHEMA,
+    FEATURE_COLUMNS,
     PRICES_SCHEMA,
     SYMBOL,
-    VOL_MOVING_AVG,
     VOLUME,
 )
-from stockvol.storage import read_table, write_table
+from stockvol.storage import delta_version, read_table, write_table
 from stockvol.summary import StageSummary
 
+FEATURES_STRUCT = StructType([StructField(name, DoubleType()) for name in FEATURE_COLUMNS])
+_STRUCT = "_features"
 # Raised inside a Python worker; run() finds this marker in Spark's error and re-raises it plainly.
 _BAD_INPUT = "features input error: "
 
@@ -126,7 +127,7 @@ def _check_keys(symbol: pa.Array, date: pa.Array, volume: pa.Array, adj_close: p
 
 
 class RollingFeatures:
-    """The ``mapInArrow`` function: rows sorted by (Symbol, Date) in, the same rows + features out.
+    """The kernel over a partition: (Symbol, Date, Volume, Adj Close) batches in, features out.
 
     Called once per partition; the rows of one symbol must be contiguous and in date order there.
     """
@@ -135,33 +136,23 @@ class RollingFeatures:
         median_ranks(window, median)  # validate early, on the driver
         self.window = window
         self.median = median
-        self.schema = pa.schema(
-            [
-                *(pa.field(f.name, _arrow_type(f.dataType.simpleString())) for f in PRICES_SCHEMA),
-                pa.field(VOL_MOVING_AVG, pa.float64()),
-                pa.field(ADJ_CLOSE_ROLLING_MED, pa.float64()),
-            ]
-        )
 
-    def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    def __call__(self, batches: Iterator[tuple[pa.Array, ...]]) -> Iterator[pa.StructArray]:
+        """One struct array (vol_moving_avg, adj_close_rolling_med) per batch, same length."""
         carry: _Carry | None = None
-        for batch in batches:
-            if batch.num_rows == 0:
-                continue
-            columns = [batch.column(name) for name in (SYMBOL, DATE, VOLUME, ADJ_CLOSE)]
-            _check_keys(*columns)
-            carry, valid, mean, med = self._step(carry, *columns)
-            mean_column = np.zeros(batch.num_rows)
-            med_column = np.zeros(batch.num_rows)
-            mean_column[valid] = mean
-            med_column[valid] = med
-            yield pa.RecordBatch.from_arrays(
-                [
-                    *(batch.column(f.name) for f in PRICES_SCHEMA),
-                    pa.array(mean_column, mask=~valid),
-                    pa.array(med_column, mask=~valid),
-                ],
-                schema=self.schema,
+        for symbol, date, volume, adj_close in batches:
+            n = len(volume)
+            valid = np.zeros(n, dtype=bool)
+            mean_column = np.zeros(n)
+            med_column = np.zeros(n)
+            if n:
+                _check_keys(symbol, date, volume, adj_close)
+                carry, valid, mean, med = self._step(carry, symbol, date, volume, adj_close)
+                mean_column[valid] = mean
+                med_column[valid] = med
+            yield pa.StructArray.from_arrays(
+                [pa.array(mean_column, mask=~valid), pa.array(med_column, mask=~valid)],
+                names=list(FEATURE_COLUMNS),
             )
 
     def _step(
@@ -213,8 +204,21 @@ def _position_at(new_run: np.ndarray, row: int, first_position: int) -> int:
     return row - start + (first_position if start == 0 else 0)
 
 
-def _arrow_type(simple: str) -> pa.DataType:
-    return {"string": pa.string(), "double": pa.float64(), "bigint": pa.int64()}[simple]
+def rolling_udf(window: int, median: str) -> Callable[..., Column]:
+    """An Arrow iterator UDF over (Symbol, Date, Volume, Adj Close) returning the features struct.
+
+    Only those four columns travel to Python and only the two features come back; Spark keeps the
+    other columns and zips the result onto them. The UDF keeps state from one batch to the next, so
+    it is declared nondeterministic: the optimizer must not move it away from the sort below it.
+    """
+    kernel = RollingFeatures(window, median)
+
+    def rolling(
+        batches: Iterator[tuple[pa.Array, pa.Array, pa.Array, pa.Array]],
+    ) -> Iterator[pa.Array]:
+        return kernel(batches)
+
+    return F.arrow_udf(rolling, FEATURES_STRUCT).asNondeterministic()
 
 
 def add_rolling_features(
@@ -227,20 +231,27 @@ def add_rolling_features(
     rows = prices.select(*(F.col(f.name).cast(f.dataType) for f in PRICES_SCHEMA))
     if shuffle:
         rows = rows.repartition(SYMBOL)
-    return rows.sortWithinPartitions(SYMBOL, DATE).mapInArrow(
-        RollingFeatures(window, median), FEATURES_SCHEMA
+    features = rolling_udf(window, median)(SYMBOL, DATE, VOLUME, ADJ_CLOSE)
+    return (
+        rows.sortWithinPartitions(SYMBOL, DATE)
+        .withColumn(_STRUCT, features)
+        .select(
+            *PRICES_SCHEMA.names,
+            *(F.col(f"{_STRUCT}.{name}").alias(name) for name in FEATURE_COLUMNS),
+        )
     )
 
 
-def split_symbols(prices: DataFrame) -> list[str]:
-    """Symbols whose rows are spread over more than one partition of ``prices`` (one cheap pass)."""
+def partition_spread(prices: DataFrame) -> tuple[list[str], int]:
+    """Symbols whose rows are spread over more than one partition of ``prices``, and the number of
+    symbols (one cheap pass over the Symbol column; partial aggregation keeps the shuffle tiny)."""
     spread = (
         prices.select(SYMBOL, F.spark_partition_id().alias("partition"))
         .groupBy(SYMBOL)
-        .agg(F.countDistinct("partition").alias("partitions"))
-        .where("partitions > 1")
+        .agg(F.min("partition").alias("first"), F.max("partition").alias("last"))
+        .collect()
     )
-    return sorted(row[SYMBOL] for row in spread.collect())
+    return sorted(row[SYMBOL] for row in spread if row["first"] != row["last"]), len(spread)
 
 
 def compute_features(prices: DataFrame, window: int, median: str) -> tuple[DataFrame, dict]:
@@ -249,9 +260,8 @@ def compute_features(prices: DataFrame, window: int, median: str) -> tuple[DataF
     ``prices`` must be one fixed snapshot (a pinned Delta version): the partition check and the
     computation read the same files with the same partitioning.
     """
-    split = split_symbols(prices)
-    symbols = prices.select(SYMBOL).distinct().count() if split else 0
-    how = {"symbols_shuffled": len(split)}
+    split, symbols = partition_spread(prices)
+    how = {"symbols": symbols, "symbols_shuffled": len(split)}
     if not split:
         return add_rolling_features(prices, window, median, shuffle=False), how
     if len(split) == symbols:
@@ -267,10 +277,20 @@ def compute_features(prices: DataFrame, window: int, median: str) -> tuple[DataF
     return in_place.unionByName(shuffled), how
 
 
+def read_prices(spark: SparkSession, config: Config) -> DataFrame:
+    """The prices table, pinned to its current version when Delta (a concurrent ingest cannot
+    change the files between the partition check and the computation)."""
+    prices = read_table(spark, config.prices_path, config.storage_format)
+    if config.storage_format != "delta":
+        return prices
+    version = delta_version(spark, config.prices_path)
+    return spark.read.format("delta").option("versionAsOf", version).load(str(config.prices_path))
+
+
 def run(spark: SparkSession, config: Config) -> StageSummary:
     """Read ``prices``, add both features, replace the ``features`` table; one summary."""
     started = time.perf_counter()
-    prices = read_table(spark, config.prices_path, config.storage_format)
+    prices = read_prices(spark, config)
     rows_in = prices.count()
     features, how = compute_features(prices, config.window, config.median)
     try:
