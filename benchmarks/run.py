@@ -635,8 +635,10 @@ def serving_note(result: dict[str, Any]) -> str:
     """One-row p50/p99, the first batch figure and gunicorn's requests/s, from serving.py."""
     parts = []
     inproc = result.get("in_process", {})
-    if inproc.get("one_row"):
-        one = inproc["one_row"][0]
+    # The first real prediction (serving.py times an empty call first, for the timer's overhead).
+    one_rows = [r for r in inproc.get("one_row", []) if "overhead" not in r["name"]]
+    if one_rows:
+        one = one_rows[0]
         parts.append(f"{one['name']}: p50 {one['p50_us']:.1f} us, p99 {one['p99_us']:.1f} us")
     if inproc.get("batches"):
         batch = inproc["batches"][0]
