@@ -333,7 +333,7 @@ def test_valid_rows_of_malformed_files_are_kept(ingested: tuple) -> None:
 
 
 # --- known bugs --------------------------------------------------------------------------------
-# Each input below is handled wrongly today; the tests are strict xfails (see docs/reliability.md).
+# Inputs that ingest once handled wrongly; the one still open is a strict xfail (docs/reliability.md).
 
 KNOWN_BUGS = {
     "stocks/GOOD.csv": text_file(HEADER, *good_rows(0, 5)),
@@ -388,24 +388,12 @@ def test_a_line_of_nul_padding_is_rejected_not_dropped(ingested_known_bugs: tupl
     assert accounted(prices, rejects, relative) == data_lines(KNOWN_BUGS[relative]) == 5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (ingest): file names are decoded with url_decode, which turns '+' into a space: "
-    "stocks/A+B.csv is ingested as Symbol 'A B' with source_file 'stocks/A B.csv': its rows "
-    "are filed under another symbol (or rejected as duplicate_date where the dates collide)",
-)
 def test_a_plus_in_a_file_name_stays_a_plus(ingested_known_bugs: tuple) -> None:
     prices, rejects = ingested_known_bugs
     assert (prices[SYMBOL] == "A+B").sum() == 3
     assert accounted(prices, rejects, "stocks/A B.csv") == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (ingest): 0000-01-01 and 9999-12-31 pass the bad_date check and land in prices; "
-    "year 0 cannot be represented by Python's date or pandas, and a daily price dated 9999 is "
-    "not a trading day",
-)
 def test_dates_out_of_range_are_rejected(ingested_known_bugs: tuple) -> None:
     prices, _ = ingested_known_bugs
     far = prices[prices[SYMBOL] == "FARDATES"][DATE]

@@ -14,7 +14,7 @@ import pandas as pd
 from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
-from pyspark.sql.types import LongType, StringType, StructField, StructType
+from pyspark.sql.types import StringType, StructField, StructType
 
 from stockvol.cli import PipelineError
 from stockvol.config import Config
@@ -32,6 +32,7 @@ from stockvol.summary import StageSummary
 
 FOLDERS = ("stocks", "etfs")  # also the duplicate rule: a date in stocks/ wins over etfs/
 META_FILE = "symbols_valid_meta.csv"
+FIRST_DATE = "1900-01-01"
 HEADER = ",".join(CSV_COLUMNS)
 CORRUPT = "_corrupt_record"
 
@@ -39,7 +40,7 @@ CORRUPT = "_corrupt_record"
 MALFORMED_LINE = "malformed_line"  # wrong number of fields
 BAD_HEADER = "bad_header"  # the file does not start with the Kaggle header
 MISSING_VALUES = "missing_values"  # a Date with some or all values empty
-BAD_DATE = "bad_date"  # not a real calendar date written YYYY-MM-DD
+BAD_DATE = "bad_date"  # not a real calendar date written YYYY-MM-DD, or outside 1900..today
 BAD_NUMBER = "bad_number"  # a price that is not a finite number, a Volume that is not whole
 NEGATIVE_VOLUME = "negative_volume"
 DUPLICATE_DATE = "duplicate_date"  # the (Symbol, Date) was already kept from another row
@@ -126,7 +127,8 @@ def read_raw(spark: SparkSession, raw_dir: Path) -> DataFrame:
     )
     # _metadata.file_name is URL-encoded (CARR#.csv arrives as CARR%23.csv).
     folder = F.element_at(F.split(F.col("_metadata.file_path"), "/"), -2)
-    name = F.url_decode(F.col("_metadata.file_name"))
+    # url_decode is form decoding ('+' means space), so a literal '+' is protected first.
+    name = F.url_decode(F.regexp_replace(F.col("_metadata.file_name"), r"\+", "%2B"))
     return df.select(
         F.concat_ws("/", folder, name).alias("source_file"),
         F.regexp_replace(name, r"\.csv$", "").alias(SYMBOL),
@@ -154,6 +156,8 @@ def classify(raw: DataFrame, bad_header_files: list[str]) -> DataFrame:
         date_text.rlike(r"^\d{4}-\d{2}-\d{2}$")
         & parsed_date.isNotNull()
         & (F.date_format(parsed_date, "yyyy-MM-dd") == date_text)
+        # A daily price is dated between the first exchanges' records and today.
+        & parsed_date.between(F.lit(FIRST_DATE).cast("date"), F.current_date())
     )
     volume = F.expr(
         r"try_cast(nullif(regexp_extract(Volume, '^(-?[0-9]+)(\\.0*)?$', 1), '') AS BIGINT)"
