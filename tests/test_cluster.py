@@ -38,7 +38,9 @@ from stockvol.config import PROJECT_ROOT
 
 pytestmark = pytest.mark.cluster
 
-SUBMIT_TIMEOUT = 600
+# A hang guard, not a performance bound: on a quiet 2-core machine the pipeline takes a minute or
+# two, on one shared with other Spark jobs many times that.
+SUBMIT_TIMEOUT = 1800
 
 
 def _assert_nothing_left(pids: dict[str, int]) -> None:
@@ -181,7 +183,6 @@ def rolling_oracle(prices: pd.DataFrame, window: int = 30) -> pd.DataFrame:
 def test_pipeline_runs_on_the_cluster_and_writes_tables_and_model(
     cluster: StandaloneCluster, spark: SparkSession, tmp_path: Path
 ) -> None:
-    pytest.importorskip("stockvol.ingest", reason="the ingest stage has not landed yet")
     from pyspark.ml import PipelineModel
 
     data_dir = tmp_path / "data"
@@ -231,7 +232,6 @@ def test_pipeline_runs_on_the_cluster_and_writes_tables_and_model(
 
 
 def test_pipeline_job_takes_the_common_and_the_train_flags() -> None:
-    pytest.importorskip("stockvol.ingest", reason="the ingest stage has not landed yet")
     result = subprocess.run(  # noqa: S603
         [sys.executable, str(PROJECT_ROOT / "jobs" / "pipeline.py"), "--help"],
         capture_output=True,
