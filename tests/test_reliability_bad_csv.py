@@ -333,7 +333,7 @@ def test_valid_rows_of_malformed_files_are_kept(ingested: tuple) -> None:
 
 
 # --- known bugs --------------------------------------------------------------------------------
-# Inputs that ingest once handled wrongly; the one still open is a strict xfail (docs/reliability.md).
+# Inputs ingest once handled wrongly; the one still open is a strict xfail (docs/reliability.md).
 
 KNOWN_BUGS = {
     "stocks/GOOD.csv": text_file(HEADER, *good_rows(0, 5)),
