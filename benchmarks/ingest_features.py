@@ -28,7 +28,7 @@ from typing import Any
 import psutil
 
 BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR))  # `common` and `baselines` beside this file
+sys.path.append(str(BENCH_DIR))  # `common` and `baselines` beside this file
 
 from common import machine_info, now_iso, tree_memory, write_json  # noqa: E402
 

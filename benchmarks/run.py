@@ -36,7 +36,7 @@ from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(BENCH_DIR))  # `common` and the stage benchmarks beside this file
+sys.path.append(str(BENCH_DIR))  # `common` and the stage benchmarks beside this file
 
 from common import (  # noqa: E402
     Measured,

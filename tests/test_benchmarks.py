@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from stockvol.summary import StageSummary
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH_DIR))
+sys.path.append(str(BENCH_DIR))
 
 import common  # noqa: E402
 import plot  # noqa: E402
