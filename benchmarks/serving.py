@@ -12,9 +12,10 @@ In-process (this process only; p50/p99 of individually timed calls):
 
 Through gunicorn (loopback, wrk): the same ``serving/gunicorn.conf.py`` (2 sync workers) serving
 (a) a trivial Flask app whose GET /predict returns a constant and (b) ``serving.wsgi:app`` on the
-model; alternated ``--rounds`` times; each run is bounded by ``--duration`` and ``--max-requests``.
-Prints requests/s, p50/p99 latency, errors and the ratio b/a. wrk, the two workers and the
-gunicorn master share the machine's cores, so the absolute figures understate a real server.
+model; both up at once, short wrk runs alternated ``--rounds`` times, each bounded by
+``--duration`` and ``--max-requests``. Prints requests/s, p50/p99 latency, the servers' CPU per
+request, errors, and the ratios b/a. wrk, the workers and the masters share the machine's cores,
+so the absolute figures understate a real server.
 
 A script, not a test: the figures depend on the machine and on what else runs on it (the load
 average is printed before and after).
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 from common import machine_info, now_iso, percentile, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,8 +177,10 @@ def rows_per_second(name: str, run: Callable[[], Any], rows: int, repeats: int =
 
 
 @contextlib.contextmanager
-def gunicorn(app_spec: str, env: dict[str, str], log: Path, workers: int) -> Iterator[str]:
-    """gunicorn with the project's config on a free loopback port; yields its URL once ready."""
+def gunicorn(
+    app_spec: str, env: dict[str, str], log: Path, workers: int
+) -> Iterator[tuple[str, int]]:
+    """gunicorn with the project's config on a free loopback port; yields (URL, master pid)."""
     env = {**os.environ, **env, "HOST": "127.0.0.1", "PORT": "0", "WEB_CONCURRENCY": str(workers)}
     command = [str(GUNICORN), "--config", "serving/gunicorn.conf.py", *app_spec.split()]
     with log.open("wb") as sink:
@@ -196,7 +200,7 @@ def gunicorn(app_spec: str, env: dict[str, str], log: Path, workers: int) -> Ite
                 raise SystemExit(f"gunicorn is not ready:\n{log.read_text()}")
             time.sleep(0.2)
         time.sleep(1.0)  # let every worker finish importing before the clock starts
-        yield url
+        yield url, process.pid
     finally:
         process.terminate()
         try:
@@ -251,34 +255,61 @@ def run_wrk(url: str, script: Path, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def server_cpu_seconds(master_pid: int) -> float:
+    """User + system CPU seconds used so far by a gunicorn master and its workers."""
+    master = psutil.Process(master_pid)
+    return sum(sum(p.cpu_times()[:2]) for p in [master, *master.children(recursive=True)])
+
+
 def through_gunicorn(model_dir: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Both servers up at once; short wrk runs alternate between them, so drifts in the machine's
+    load hit both alike. Besides requests/s, the servers' CPU seconds per request are counted:
+    on a shared machine that is the steadier figure (a CPU-bound server's throughput is its cores
+    divided by it)."""
     if shutil.which("wrk") is None:
         return {"skipped": "wrk is not installed (apt-get install wrk)"}
     (work / "noop_app.py").write_text(NOOP_APP)
     paths = [f"/predict?{VMA}={a!r}&{MED}={b!r}" for a, b in sample_inputs(1000, 3).tolist()]
     script = work / "paths.lua"
     script.write_text(WRK_SCRIPT % (", ".join(json.dumps(p) for p in paths), args.max_requests))
-    servers = {
+    specs = {
         "no-model Flask app": (f"--pythonpath {work} noop_app:app", {}),
         "serving.wsgi:app": ("serving.wsgi:app", {"MODEL_DIR": str(model_dir)}),
     }
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
-    for round_ in range(args.rounds):
-        for name, (spec, env) in servers.items():
-            with gunicorn(spec, env, work / f"gunicorn-{round_}.log", args.workers) as url:
-                runs[name].append(run_wrk(url, script, args))
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in specs}
+    with contextlib.ExitStack() as stack:
+        servers = {
+            name: stack.enter_context(gunicorn(spec, env, work / f"{i}.log", args.workers))
+            for i, (name, (spec, env)) in enumerate(specs.items())
+        }
+        for _ in range(args.rounds):
+            for name, (url, pid) in servers.items():
+                cpu = server_cpu_seconds(pid)
+                result = run_wrk(url, script, args)
+                result["server_cpu_us_per_request"] = (
+                    (server_cpu_seconds(pid) - cpu) / max(result["requests"], 1) * 1e6
+                )
+                runs[name].append(result)
     summary = {
         name: {
             "requests_per_s": statistics.median(r["requests_per_s"] for r in results),
             "p50_ms": statistics.median(r["p50_ms"] for r in results),
             "p99_ms": statistics.median(r["p99_ms"] for r in results),
+            "cpu_us_per_request": statistics.median(
+                r["server_cpu_us_per_request"] for r in results
+            ),
             "errors": sum(r["socket_errors"] + r["non_2xx"] for r in results),
+            "requests": sum(r["requests"] for r in results),
             "runs": results,
         }
         for name, results in runs.items()
     }
-    baseline, model = (summary[name]["requests_per_s"] for name in servers)
-    return {"servers": summary, "ratio": model / baseline}
+    baseline, model = (summary[name] for name in specs)
+    return {
+        "servers": summary,
+        "ratio": model["requests_per_s"] / baseline["requests_per_s"],
+        "cpu_ratio": baseline["cpu_us_per_request"] / model["cpu_us_per_request"],
+    }
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -308,15 +339,21 @@ def report(results: dict[str, Any]) -> None:
         print(
             f"\nthrough gunicorn ({results['args']['workers']} sync workers, wrk 1 thread "
             f"{results['args']['connections']} connections, {results['args']['duration']} s x "
-            f"{results['args']['rounds']} rounds, same cores)"
+            f"{results['args']['rounds']} alternated rounds, same cores)"
         )
-        print("                                   req/s (median)    p50 ms    p99 ms    errors")
+        print(
+            "                                 req/s (median)  p50 ms  p99 ms  server CPU us/req"
+            "  errors  requests"
+        )
         for name, row in http["servers"].items():
+            rates = " / ".join(f"{r['requests_per_s']:,.0f}" for r in row["runs"])
             print(
-                f"  {name:<32}{row['requests_per_s']:>14,.0f}{row['p50_ms']:>10.2f}"
-                f"{row['p99_ms']:>10.2f}{row['errors']:>10}"
+                f"  {name:<32}{row['requests_per_s']:>12,.0f}{row['p50_ms']:>8.2f}"
+                f"{row['p99_ms']:>8.2f}{row['cpu_us_per_request']:>19,.0f}{row['errors']:>8}"
+                f"{row['requests']:>10,}   (rounds: {rates})"
             )
-        print(f"  serving / no-model throughput: {http['ratio']:.0%}")
+        print(f"  serving / no-model, throughput: {http['ratio']:.0%}")
+        print(f"  serving / no-model, 1 / server CPU per request: {http['cpu_ratio']:.0%}")
     print(f"\nload average after {results['load_after']}")
 
 
@@ -353,9 +390,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-rows", type=int, default=1_000_000)
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers")
     parser.add_argument("--connections", type=int, default=8, help="wrk connections")
-    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
     parser.add_argument("--max-requests", type=int, default=500_000, help="per wrk run")
-    parser.add_argument("--rounds", type=int, default=2, help="baseline/model alternations")
+    parser.add_argument("--rounds", type=int, default=5, help="baseline/model alternations")
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
     return parser.parse_args(argv)
