@@ -355,37 +355,31 @@ def test_kernel_equals_oracle_whatever_the_batch_boundaries(
 # ---------------------------------------------------------------- bad input, formats, the job
 
 
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        (lambda p: pd.concat([p, p.iloc[[40]]]), "has Date 2010-"),
-        (
-            lambda p: p.assign(**{VOLUME: p[VOLUME].astype("Int64").mask(p.index == 3)}),
-            "null Volume",
-        ),
-        (
-            lambda p: p.assign(**{ADJ_CLOSE: p[ADJ_CLOSE].mask(p.index == 3, np.nan)}),
-            "NaN Adj Close",
-        ),
-    ],
-    ids=["duplicate-date", "null-volume", "nan-adj-close"],
-)
+BAD_PRICES = {
+    "has Date 2010-": lambda p: pd.concat([p, p.iloc[[40]]]),  # a duplicate date
+    "null Volume": lambda p: p.assign(**{VOLUME: p[VOLUME].astype("Int64").mask(p.index == 3)}),
+    "NaN Adj Close": lambda p: p.assign(**{ADJ_CLOSE: p[ADJ_CLOSE].mask(p.index == 3, np.nan)}),
+}
+
+
 def test_bad_prices_fail_clearly_and_keep_the_previous_features(
-    spark: SparkSession, config: Config, change, message: str
+    spark: SparkSession, config: Config
 ) -> None:
     config = with_window(config, 30, fmt="parquet")
     prices = generated_prices({"AAA": 60}, seed=2)
     write_table(prices_frame(spark, prices), config.prices_path, "parquet")
     run(spark, config)
-    bad = change(prices)
-    rows = [
-        (*r[:-1], None if pd.isna(r[-1]) else int(r[-1]))
-        for r in bad[PRICE_NAMES].itertuples(index=False)
-    ]
-    write_table(spark.createDataFrame(rows, PRICES_SCHEMA), config.prices_path, "parquet")
-    with pytest.raises(FeaturesInputError, match=message):
-        run(spark, config)
-    assert read_table(spark, config.features_path, "parquet").count() == 60
+    for message, change in BAD_PRICES.items():
+        rows = [
+            (*r[:-1], None if pd.isna(r[-1]) else int(r[-1]))
+            for r in change(prices)[PRICE_NAMES].itertuples(index=False)
+        ]
+        write_table(spark.createDataFrame(rows, PRICES_SCHEMA), config.prices_path, "parquet")
+        with pytest.raises(FeaturesInputError, match=message):
+            run(spark, config)
+        assert_matches_oracle(
+            read_table(spark, config.features_path, "parquet"), prices, 30, "approx"
+        )
 
 
 def test_missing_prices_table_names_the_job_to_run(spark: SparkSession, config: Config) -> None:
