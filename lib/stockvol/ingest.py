@@ -192,8 +192,12 @@ def mark_duplicates(classified: DataFrame) -> DataFrame:
             folder_rank, F.col("source_file"), F.col("line_order")
         )
     )
-    good = classified.filter(F.col("reason").isNull()).withColumn(
-        "reason", F.when(rank > 1, F.lit(DUPLICATE_DATE))
+    # Partitioning by Symbol alone also satisfies the window's (Symbol, Date) clustering, and
+    # leaves each symbol's rows together and date-sorted: features then needs no shuffle.
+    good = (
+        classified.filter(F.col("reason").isNull())
+        .repartition(SYMBOL)
+        .withColumn("reason", F.when(rank > 1, F.lit(DUPLICATE_DATE)))
     )
     return good.unionByName(classified.filter(F.col("reason").isNotNull()))
 
