@@ -16,7 +16,7 @@ SPARK_SUBMIT := $(VENV)/bin/spark-submit --properties-file spark-defaults.conf
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,bench]'
 	touch $@
 
 setup: $(VENV)/.installed  ## create .venv with the package and its dev extras (idempotent)
