@@ -6,7 +6,8 @@ Each fraction runs in a fresh Python + JVM (so memory peaks do not carry over) e
 runs it (``stockvol.train.run``: split, sample, fit, evaluate on the whole test set, plot, export),
 writing its model to a scratch directory, never to DIR/model. Prints, per run: the stage's wall
 seconds and phases, rows/s, the peak resident memory of the whole process tree (this Python, the
-driver JVM and its Python workers, summed, sampled every 0.2 s), and test R² against the baseline.
+driver JVM and its Python workers, sampled by common.PeakMemory), its CPU seconds, and test R²
+against the baseline.
 A script, not a test: figures depend on the machine and on what else runs on it.
 """
 
@@ -20,7 +21,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +28,10 @@ from typing import Any
 
 import psutil
 
-from stockvol.config import DEFAULT_CONFIG, load_config
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common`, beside this file
+from common import PeakMemory  # noqa: E402
+
+from stockvol.config import DEFAULT_CONFIG, load_config  # noqa: E402
 
 SPARK_KEYS = (
     "spark.master",
@@ -40,40 +43,14 @@ SPARK_KEYS = (
 )
 
 
-def tree_rss(root: psutil.Process) -> int:
-    """Resident bytes of ``root`` and all its descendants (JVM and Python workers included)."""
-    total = 0
+def tree_cpu_seconds(root: psutil.Process) -> float:
+    """CPU seconds (user + system, reaped children included) of ``root`` and its descendants."""
+    total = 0.0
     for proc in [root, *root.children(recursive=True)]:
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):  # exited meanwhile
-            total += proc.memory_info().rss
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            t = proc.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
     return total
-
-
-class PeakMemory:
-    """Samples the process tree's resident memory in a thread; ``peak`` is the largest sum seen."""
-
-    def __init__(self, pid: int, interval: float = 0.2) -> None:
-        self.root = psutil.Process(pid)
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.peak = max(self.peak, tree_rss(self.root))
-            except psutil.NoSuchProcess:
-                return
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -104,9 +81,12 @@ def worker(args: argparse.Namespace) -> None:
     spark = build_session(config, "stockvol-bench-train", extra_conf=extra)
     startup = time.perf_counter() - clock
     try:
+        me = psutil.Process()
+        cpu = tree_cpu_seconds(me)
         clock = time.perf_counter()
         run(spark, config)
         seconds = time.perf_counter() - clock
+        cpu = tree_cpu_seconds(me) - cpu
         conf = dict(spark.sparkContext.getConf().getAll())
     finally:
         spark.stop()
@@ -119,6 +99,8 @@ def worker(args: argparse.Namespace) -> None:
                 "fraction": args.fraction,
                 "max_rows": args.max_rows,
                 "seconds": seconds,
+                # On a busy machine wall time mostly measures the others; CPU time does not.
+                "cpu_seconds": cpu,
                 "jvm_start_seconds": startup,
                 "durations": metrics["durations_seconds"],
                 "rows": metrics["rows"],
@@ -159,8 +141,9 @@ def measure(args: argparse.Namespace, fraction: float, max_rows: int | None) -> 
 
 def print_table(results: list[dict[str, Any]]) -> None:
     head = (
-        f"{'fraction':>8} {'fitted rows':>12} {'stage s':>8} {'fit s':>7} {'eval s':>7} "
-        f"{'rows/s':>10} {'fit rows/s':>10} {'peak GB':>8} {'test R2':>8} {'base R2':>8}"
+        f"{'fraction':>8} {'fitted rows':>12} {'stage s':>8} {'CPU s':>7} {'fit s':>7} "
+        f"{'eval s':>7} {'rows/s':>10} {'fit rows/s':>10} {'peak GB':>8} "
+        f"{'test R2':>8} {'base R2':>8}"
     )
     print(head)
     print("-" * len(head))
@@ -168,6 +151,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
         d, rows = r["durations"], r["rows"]
         print(
             f"{r['fraction']:>8g} {rows['train_fitted']:>12,} {r['seconds']:>8.1f} "
+            f"{r.get('cpu_seconds', float('nan')):>7.1f} "
             f"{d['fit']:>7.1f} {d['evaluate']:>7.1f} {rows['input'] / r['seconds']:>10,.0f} "
             f"{rows['train_fitted'] / d['fit']:>10,.0f} {r['peak_rss_bytes'] / 2**30:>8.2f} "
             f"{r['r2']:>8.4f} {r['baseline_r2']:>8.4f}"

@@ -155,21 +155,33 @@ def build_pipeline(params: ModelParams) -> Pipeline:
 
 
 def regression_metrics(
-    df: DataFrame, label: str, predictions: Mapping[str, str]
-) -> dict[str, dict[str, float | None]]:
+    df: DataFrame,
+    label: str,
+    predictions: Mapping[str, str],
+    sample_where: str | None = None,
+) -> tuple[dict[str, dict[str, float | None]], pd.DataFrame]:
     """RMSE, MAE, MSE and R² of each prediction column against ``label``, in one pass over ``df``.
 
     R² is 1 - MSE / Var(label) (population variance), the definition of MLlib's RegressionEvaluator
-    and scikit-learn; None when the label is constant.
+    and scikit-learn; None when the label is constant. The same pass also collects the rows that
+    match ``sample_where`` (label and predictions; keep it to a few thousand), returned as pandas.
     """
     y = F.col(label).cast("double")
     aggs: list[Column] = [F.count(F.lit(1)).alias("n"), F.var_pop(y).alias("var")]
     for i, column in enumerate(predictions.values()):
         err = F.col(column).cast("double") - y
         aggs += [F.avg(err * err).alias(f"mse{i}"), F.avg(F.abs(err)).alias(f"mae{i}")]
+    kept = [label, *predictions.values()]
+    if sample_where is not None:
+        # collect_list skips nulls: only the rows that match end up in the list.
+        row_struct = F.struct(*(F.col(c).cast("double").alias(c) for c in kept))
+        aggs.append(F.collect_list(F.when(F.expr(sample_where), row_struct)).alias("sample"))
     row = df.agg(*aggs).first()
     if row is None or not row["n"]:
         raise PipelineError("no rows to evaluate the model on")
+    sample = pd.DataFrame(
+        [tuple(r) for r in row["sample"]] if sample_where is not None else [], columns=kept
+    )
     result: dict[str, dict[str, float | None]] = {}
     for i, name in enumerate(predictions):
         mse = float(row[f"mse{i}"])
@@ -181,7 +193,7 @@ def regression_metrics(
             "r2": 1.0 - mse / variance if variance > 0 else None,
             "rows": int(row["n"]),
         }
-    return result
+    return result, sample
 
 
 def _json_value(value: Any) -> Any:
@@ -389,18 +401,14 @@ def train(features: DataFrame, params: ModelParams) -> TrainResult:
         fit_frame.unpersist()
 
     clock = time.perf_counter()
-    predictions = model.transform(test_df)
-    evaluation = regression_metrics(predictions, LABEL, {"test": PREDICTION, "baseline": BASELINE})
-    durations["evaluate"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    plot_fraction = min(1.0, PLOT_POINTS / test_rows)
-    plot_sample = (
-        model.transform(test_df.where(hash_predicate(params.seed, "plot", plot_fraction)))
-        .select(LABEL, PREDICTION, BASELINE)
-        .toPandas()
+    # One pass over the test set: the metrics of model and baseline, and the plot's points.
+    evaluation, plot_sample = regression_metrics(
+        model.transform(test_df),
+        LABEL,
+        {"test": PREDICTION, "baseline": BASELINE},
+        sample_where=hash_predicate(params.seed, "plot", min(1.0, PLOT_POINTS / test_rows)),
     )
-    durations["plot_sample"] = time.perf_counter() - clock
+    durations["evaluate"] = time.perf_counter() - clock
 
     forest: RandomForestRegressionModel = model.stages[-1]  # type: ignore[assignment]
     importances = forest.featureImportances.toArray().tolist()
