@@ -28,7 +28,11 @@ LABELS = {"reference": "pandas + joblib reference (ingest + features)", "pipelin
 
 
 def load(paths: Sequence[Path]) -> dict[str, Any]:
-    """One result document whose ``scales`` are the union of the files' (later files win)."""
+    """One result document from several: sizes matched by row count, stages merged by name.
+
+    Later files win: a stage measured again replaces the earlier record of that size, a stage
+    measured only in one file is added (e.g. a sweep, then train-sampling at full size alone).
+    """
     merged: dict[str, Any] = {"scales": []}
     by_rows: dict[Any, dict[str, Any]] = {}
     for path in paths:
@@ -37,7 +41,13 @@ def load(paths: Sequence[Path]) -> dict[str, Any]:
             raise SystemExit(f"{path}: not a benchmarks/run.py result (no 'scales')")
         merged.update({k: v for k, v in doc.items() if k != "scales"})
         for entry in doc["scales"]:
-            by_rows[entry.get("rows") or entry.get("data_dir")] = entry
+            key = entry.get("rows") or entry.get("data_dir")
+            if key not in by_rows:
+                by_rows[key] = {**entry, "stages": list(entry["stages"])}
+                continue
+            stages = {r["stage"]: r for r in by_rows[key]["stages"]}
+            stages.update({r["stage"]: r for r in entry["stages"] if r["status"] != "skipped"})
+            by_rows[key]["stages"] = list(stages.values())
     merged["scales"] = sorted(by_rows.values(), key=lambda e: e.get("rows") or 0)
     return merged
 

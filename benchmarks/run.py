@@ -720,9 +720,10 @@ def linear_growth(results: dict[str, Any]) -> list[str]:
         seconds = [p[1] for p in points]
         slope, intercept, r2 = fit_line(rows, seconds)
         ratio = seconds[-1] / seconds[0] / (rows[-1] / rows[0])
+        fit = f"linear fit R² {r2:.3f}" if len(points) > 2 else "2 sizes: a line fits any 2"
         lines.append(
             f"{stage}: {slope * 1e6:.2f} s per million rows + {intercept:.1f} s fixed, "
-            f"linear fit R² {r2:.3f}; time ratio / size ratio (largest vs smallest) {ratio:.2f}"
+            f"{fit}; time ratio / size ratio (largest vs smallest) {ratio:.2f}"
         )
     return lines
 

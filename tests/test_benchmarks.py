@@ -276,3 +276,15 @@ def test_a_root_that_execs_is_classified_by_what_it_became() -> None:
     assert measured.returncode == 0
     assert measured.peak_split["python"] >= 120 * MIB
     assert measured.peak_split["other"] == 0
+
+
+def test_result_files_merge_by_size_and_stage(tmp_path: Path) -> None:
+    first = {"scales": [_result(1.0, 100, {"ingest": 10, "train": 50})]}
+    second = {"scales": [_result(1.0, 100, {"train": 40}), _result(2.0, 200, {"ingest": 20})]}
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, doc in zip(paths, (first, second), strict=True):
+        path.write_text(json.dumps(doc))
+    merged = plot.load(paths)
+    assert [e["rows"] for e in merged["scales"]] == [100, 200]
+    at_100 = {r["stage"]: r["stage_seconds"] for r in merged["scales"][0]["stages"]}
+    assert at_100 == {"ingest": 10, "train": 40}
