@@ -174,12 +174,14 @@ def new_version_files(path: Path) -> list[Path]:
     versions = versions_dir(path)
     if not versions.is_dir():
         return []
+    # os.walk skips directories that vanish while it lists them (Hadoop's _temporary task
+    # directories are renamed away during the write); Path.rglob raises instead.
     return [
-        file
+        Path(root, name)
         for entry in versions.iterdir()
         if entry.resolve() != current
-        for file in entry.rglob("*")
-        if file.is_file()
+        for root, _, names in os.walk(entry)
+        for name in names
     ]
 
 
