@@ -334,7 +334,7 @@ def test_valid_rows_of_malformed_files_are_kept(ingested: tuple) -> None:
 
 
 # --- known bugs --------------------------------------------------------------------------------
-# Inputs ingest once handled wrongly; the one still open is a strict xfail (docs/reliability.md).
+# Inputs ingest once handled wrongly (docs/reliability.md), kept as regression tests.
 
 KNOWN_BUGS = {
     "stocks/GOOD.csv": text_file(HEADER, *good_rows(0, 5)),
@@ -376,17 +376,13 @@ def accounted(prices: pd.DataFrame, rejects: pd.DataFrame, relative: str) -> int
     return in_prices + int((rejects["source_file"] == relative).sum())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (ingest): a data line that starts with a NUL byte (NUL padding, as a crash "
-    "mid-write leaves) is skipped by Spark's CSV reader, which takes NUL as its comment "
-    "character; the line is in neither prices nor rejects and the conservation check, counting "
-    "what Spark read, does not notice",
-)
 def test_a_line_of_nul_padding_is_rejected_not_dropped(ingested_known_bugs: tuple) -> None:
     prices, rejects = ingested_known_bugs
     relative = "stocks/NULPAD.csv"
     assert accounted(prices, rejects, relative) == data_lines(KNOWN_BUGS[relative]) == 5
+    padding = rejects[rejects["source_file"] == relative]
+    assert padding["reason"].tolist() == ["malformed_line"]
+    assert padding["raw_line"].tolist() == ["\x00" * 64]
 
 
 def test_a_plus_in_a_file_name_stays_a_plus(ingested_known_bugs: tuple) -> None:

@@ -1,23 +1,47 @@
 """Ingest: every per-symbol CSV in one Spark scan into the typed ``prices`` table, plus ``rejects``.
 
-Every data line of every file lands in exactly one of the two tables; the job counts both per file
-and fails if a single line is unaccounted for. See docs/ingest.md for the reasons a row is rejected.
+One Spark file scan (``binaryFile``) lists every file of ``raw/stocks`` and ``raw/etfs`` and
+spreads them over tasks; a ``mapInArrow`` task reads each of its files and hands the bytes to
+``stockvol.raw_csv``, which parses and classifies the lines with Arrow's C++ CSV reader (Spark's
+CSV reader and casts spent several times the CPU per row here, docs/ingest.md). Spark then
+rejects dates repeated across files (only symbols with a file in both folders need that
+shuffle), writes both tables, and checks that every data line of every file landed in exactly
+one of them.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
 from pyspark import StorageLevel
-from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
-from pyspark.sql.types import StringType, StructField, StructType
+from pyspark.sql.pandas.types import from_arrow_schema
+from pyspark.sql.types import LongType, StringType, StructField, StructType
 
 from stockvol.cli import PipelineError
 from stockvol.config import Config
+from stockvol.raw_csv import (
+    BAD_HEADER,
+    DUPLICATE_DATE,
+    LINE,
+    PARSED_SCHEMA,
+    RAW_LINE,
+    REASON,
+    REASONS,
+    SOURCE_FILE,
+    parse_file,
+    typed,
+)
 from stockvol.schema import (
     CSV_COLUMNS,
     DATE,
@@ -32,38 +56,22 @@ from stockvol.summary import StageSummary
 
 FOLDERS = ("stocks", "etfs")  # also the duplicate rule: a date in stocks/ wins over etfs/
 META_FILE = "symbols_valid_meta.csv"
-FIRST_DATE = "1900-01-01"
-HEADER = ",".join(CSV_COLUMNS)
-CORRUPT = "_corrupt_record"
-
-# Reject reasons, in the order they are checked: a row gets the first that applies.
-MALFORMED_LINE = "malformed_line"  # wrong number of fields
-BAD_HEADER = "bad_header"  # the file does not start with the Kaggle header
-MISSING_VALUES = "missing_values"  # a Date with some or all values empty
-BAD_DATE = "bad_date"  # not a real calendar date written YYYY-MM-DD, or outside 1900..today
-BAD_NUMBER = "bad_number"  # a price that is not a finite number, a Volume that is not whole
-NEGATIVE_VOLUME = "negative_volume"
-DUPLICATE_DATE = "duplicate_date"  # the (Symbol, Date) was already kept from another row
-REASONS = (
-    MALFORMED_LINE,
-    BAD_HEADER,
-    MISSING_VALUES,
-    BAD_DATE,
-    BAD_NUMBER,
-    NEGATIVE_VOLUME,
-    DUPLICATE_DATE,
+ROWS = "rows"  # how many lines of its file a row of the accounting pass stands for
+KEPT_SCHEMA = pa.schema(
+    [PARSED_SCHEMA.field(n) for n in (SOURCE_FILE, SYMBOL, LINE, REASON, DATE)]
+    + [PARSED_SCHEMA.field(typed(n)) for n in (*PRICE_COLUMNS, VOLUME)]
 )
-
-RAW_SCHEMA = StructType(
-    [StructField(name, StringType()) for name in CSV_COLUMNS] + [StructField(CORRUPT, StringType())]
-)
+ACCOUNTING_SCHEMA = PARSED_SCHEMA.append(pa.field(ROWS, pa.int64()))
+KEPT_SPARK_SCHEMA = from_arrow_schema(KEPT_SCHEMA)
+ACCOUNTING_SPARK_SCHEMA = from_arrow_schema(ACCOUNTING_SCHEMA)
 REJECTS_SCHEMA = StructType(
     [
-        StructField("source_file", StringType(), nullable=False),
+        StructField(SOURCE_FILE, StringType(), nullable=False),
         StructField(SYMBOL, StringType(), nullable=False),
+        StructField(LINE, LongType(), nullable=False),
         *(StructField(name, StringType()) for name in CSV_COLUMNS),
-        StructField("raw_line", StringType()),
-        StructField("reason", StringType(), nullable=False),
+        StructField(RAW_LINE, StringType()),
+        StructField(REASON, StringType(), nullable=False),
     ]
 )
 
@@ -78,15 +86,19 @@ class ConservationError(PipelineError):
 
 @dataclass
 class RawFiles:
-    """What a cheap look at the raw folder finds before Spark reads it."""
+    """What a listing of the raw folder finds before Spark reads it."""
 
     csv_files: list[str]  # paths relative to raw/, stocks/ first, each folder sorted
     empty: list[str] = field(default_factory=list)  # 0 bytes: not even a header
-    bad_header: dict[str, str] = field(default_factory=dict)  # file -> its first line
+
+    def symbols_in_several_files(self) -> list[str]:
+        """Symbols with a file in both folders: only their dates can repeat across files."""
+        symbols = Counter(Path(f).name.removesuffix(".csv") for f in self.csv_files)
+        return sorted(symbol for symbol, files in symbols.items() if files > 1)
 
 
 def list_raw_files(raw_dir: Path) -> RawFiles:
-    """List the CSVs and check each header line (one small read per file, no Spark)."""
+    """List the CSVs (no file is opened); a clear error when there is nothing to ingest."""
     if not raw_dir.is_dir():
         raise IngestInputError(
             f"raw data folder not found: {raw_dir}; "
@@ -101,105 +113,96 @@ def list_raw_files(raw_dir: Path) -> RawFiles:
         for path in sorted((raw_dir / folder).glob("*.csv")) if (raw_dir / folder).is_dir() else []:
             relative = f"{folder}/{path.name}"
             found.csv_files.append(relative)
-            with path.open("rb") as handle:
-                first = handle.readline()
-            if not first:
+            if path.stat().st_size == 0:
                 found.empty.append(relative)
-                continue
-            header = first.decode("utf-8-sig", errors="replace").rstrip("\r\n")
-            if header != HEADER:
-                found.bad_header[relative] = header
     if not found.csv_files:
         raise IngestInputError(f"no CSV files under {raw_dir}/stocks or {raw_dir}/etfs")
     return found
 
 
-def read_raw(spark: SparkSession, raw_dir: Path) -> DataFrame:
-    """All CSVs in one scan, every field a string, plus the file each line came from."""
+def kept_rows(table: pa.Table) -> pa.Table:
+    """The prices pass: a file's good rows, in the lean ``KEPT_SCHEMA``."""
+    return table.filter(pc.is_null(table.column(REASON))).select(KEPT_SCHEMA.names)
+
+
+def accounting_rows(table: pa.Table, whole: bool) -> pa.Table:
+    """The accounting pass: a file's rejected rows, each counting 1, and one row counting its good
+    rows; ``whole`` files (rows a later step may still reject) give every row."""
+    if whole or not len(table):
+        return table.append_column(ROWS, pa.array(np.ones(len(table), np.int64)))
+    good = pc.is_null(table.column(REASON))
+    rejected = table.filter(pc.invert(good))
+    rejected = rejected.append_column(ROWS, pa.array(np.ones(len(rejected), np.int64)))
+    summary = {
+        SOURCE_FILE: table.column(SOURCE_FILE)[:1],
+        SYMBOL: table.column(SYMBOL)[:1],
+        ROWS: pa.array([pc.sum(good.cast(pa.int64())).as_py()], pa.int64()),
+    }
+    one = pa.table(
+        [summary.get(f.name, pa.nulls(1, f.type)) for f in ACCOUNTING_SCHEMA],
+        schema=ACCOUNTING_SCHEMA,
+    )
+    return pa.concat_tables([rejected, one])
+
+
+def file_parser(
+    keep_text: frozenset[str], accounting: bool
+) -> Callable[[Iterator[pa.RecordBatch]], Iterator]:
+    """The mapInArrow body: paths of whole files in, their classified lines out, as the prices
+    pass or the accounting pass wants them. ``keep_text`` files keep the raw text of good rows
+    too and give every row to both passes (see ``mark_duplicates``)."""
+
+    def parse_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            for path in batch.column("path").to_pylist():
+                source_file = "/".join(path.rsplit("/", 2)[-2:])  # stocks/X.csv, as on disk
+                whole = source_file in keep_text
+                table = parse_file(read_bytes(path), source_file, keep_text=whole)
+                out = accounting_rows(table, whole) if accounting else kept_rows(table)
+                yield from out.to_batches()
+
+    return parse_batches
+
+
+def read_bytes(path: str) -> bytes:
+    """A file's bytes, from the path Spark's file listing gives (``file:/...``, ``s3a://...``)."""
+    if path.startswith("file:"):
+        return Path(path.removeprefix("file:")).read_bytes()
+    filesystem, inner = pafs.FileSystem.from_uri(path.replace("s3a://", "s3://", 1))
+    with filesystem.open_input_stream(inner) as stream:
+        return stream.read()
+
+
+def read_raw(
+    spark: SparkSession,
+    raw_dir: Path,
+    accounting: bool,
+    keep_text: frozenset[str] = frozenset(),
+) -> DataFrame:
+    """Every CSV of raw/stocks and raw/etfs, listed and spread over tasks by one Spark file scan
+    (binaryFile, content not selected, so the JVM does not read it); each task reads its files
+    with pyarrow and parses them, which is far cheaper than shipping their bytes to Python.
+    The prices pass gives the good rows; the accounting pass the rejected rows and counts."""
     paths = [str(raw_dir / folder) for folder in FOLDERS if (raw_dir / folder).is_dir()]
-    df = (
-        spark.read.schema(RAW_SCHEMA)
-        .option("header", True)
-        .option("mode", "PERMISSIVE")
-        .option("columnNameOfCorruptRecord", CORRUPT)
-        .option("pathGlobFilter", "*.csv")
-        .csv(paths)
-    )
-    # _metadata.file_name is URL-encoded (CARR#.csv arrives as CARR%23.csv).
-    folder = F.element_at(F.split(F.col("_metadata.file_path"), "/"), -2)
-    # url_decode is form decoding ('+' means space), so a literal '+' is protected first.
-    name = F.url_decode(F.regexp_replace(F.col("_metadata.file_name"), r"\+", "%2B"))
-    return df.select(
-        F.concat_ws("/", folder, name).alias("source_file"),
-        F.regexp_replace(name, r"\.csv$", "").alias(SYMBOL),
-        # Increasing in line order within a file: the tie-break for a date repeated in one file.
-        F.monotonically_increasing_id().alias("line_order"),
-        *CSV_COLUMNS,
-        CORRUPT,
-    )
+    files = spark.read.format("binaryFile").option("pathGlobFilter", "*.csv").load(paths)
+    schema = ACCOUNTING_SPARK_SCHEMA if accounting else KEPT_SPARK_SCHEMA
+    return files.select("path").mapInArrow(file_parser(keep_text, accounting), schema)
 
 
-def _number(name: str) -> Column:
-    return F.expr(f"try_cast(`{name}` AS DOUBLE)")
-
-
-def _finite(value: Column) -> Column:
-    return value.isNotNull() & ~F.isnan(value) & (F.abs(value) < float("inf"))
-
-
-def classify(raw: DataFrame, bad_header_files: list[str]) -> DataFrame:
-    """Add typed values and ``reason`` (null for a good row); pure, no duplicate check yet."""
-    values = [*PRICE_COLUMNS, VOLUME]
-    date_text = F.col(DATE)
-    parsed_date = F.expr(f"try_to_date(`{DATE}`, 'yyyy-MM-dd')")
-    real_date = (
-        date_text.rlike(r"^\d{4}-\d{2}-\d{2}$")
-        & parsed_date.isNotNull()
-        & (F.date_format(parsed_date, "yyyy-MM-dd") == date_text)
-        # A daily price is dated between the first exchanges' records and today.
-        & parsed_date.between(F.lit(FIRST_DATE).cast("date"), F.current_date())
-    )
-    volume = F.expr(
-        r"try_cast(nullif(regexp_extract(Volume, '^(-?[0-9]+)(\\.0*)?$', 1), '') AS BIGINT)"
-    )
-    missing = F.lit(False)
-    for name in values:
-        missing = missing | F.col(name).isNull() | (F.trim(F.col(name)) == "")
-    prices_ok = F.lit(True)
-    for name in PRICE_COLUMNS:
-        prices_ok = prices_ok & _finite(_number(name))
-    reason = (
-        F.when(F.col(CORRUPT).isNotNull(), MALFORMED_LINE)
-        .when(F.col("source_file").isin(bad_header_files), BAD_HEADER)
-        .when(date_text.isNull() | missing, MISSING_VALUES)
-        .when(~real_date, BAD_DATE)
-        .when(~prices_ok | volume.isNull(), BAD_NUMBER)
-        .when(volume < 0, NEGATIVE_VOLUME)
-    )
-    return raw.select(
-        "*",
-        reason.alias("reason"),
-        *(_number(name).alias(f"_{name}") for name in PRICE_COLUMNS),
-        volume.alias(f"_{VOLUME}"),
-    )
-
-
-def mark_duplicates(classified: DataFrame) -> DataFrame:
-    """Reject all but one good row per (Symbol, Date): stocks/ before etfs/, then line order."""
-    folder_rank = F.when(F.col("source_file").startswith("stocks/"), 0).otherwise(1)
+def mark_duplicates(rows: DataFrame, symbols: list[str]) -> DataFrame:
+    """Reject all but one good row per (Symbol, Date) of ``symbols`` (those in several files):
+    stocks/ before etfs/, then file name, then line. Repeats within one file are already marked
+    by the parser; only these symbols' rows are shuffled."""
+    if not symbols:
+        return rows
+    several = F.col(SYMBOL).isin(symbols)
+    folder_rank = F.when(F.col(SOURCE_FILE).startswith("stocks/"), 0).otherwise(1)
     rank = F.row_number().over(
-        Window.partitionBy(SYMBOL, DATE).orderBy(
-            folder_rank, F.col("source_file"), F.col("line_order")
-        )
+        Window.partitionBy(SYMBOL, DATE).orderBy(folder_rank, F.col(SOURCE_FILE), F.col(LINE))
     )
-    # Partitioning by Symbol alone also satisfies the window's (Symbol, Date) clustering, and
-    # leaves each symbol's rows together and date-sorted: features then needs no shuffle.
-    good = (
-        classified.filter(F.col("reason").isNull())
-        .repartition(SYMBOL)
-        .withColumn("reason", F.when(rank > 1, F.lit(DUPLICATE_DATE)))
-    )
-    return good.unionByName(classified.filter(F.col("reason").isNotNull()))
+    good = rows.filter(several & F.col(REASON).isNull())
+    marked = good.withColumn(REASON, F.when(rank > 1, F.lit(DUPLICATE_DATE)))
+    return rows.filter(~several | F.col(REASON).isNotNull()).unionByName(marked)
 
 
 def security_names(meta: pd.DataFrame) -> pd.DataFrame:
@@ -211,11 +214,8 @@ def security_names(meta: pd.DataFrame) -> pd.DataFrame:
 
 def to_prices(rows: DataFrame, names: DataFrame) -> DataFrame:
     """The kept rows in the prices contract: exact columns, names, types and order."""
-    kept = rows.filter(F.col("reason").isNull()).select(
-        SYMBOL,
-        DATE,
-        *(F.col(f"_{name}").alias(name) for name in PRICE_COLUMNS),
-        F.col(f"_{VOLUME}").alias(VOLUME),
+    kept = rows.filter(F.col(REASON).isNull()).select(
+        SYMBOL, DATE, *(F.col(typed(name)).alias(name) for name in (*PRICE_COLUMNS, VOLUME))
     )
     joined = kept.join(F.broadcast(names), on=SYMBOL, how="left")
     return joined.select(
@@ -224,30 +224,20 @@ def to_prices(rows: DataFrame, names: DataFrame) -> DataFrame:
 
 
 def to_rejects(rows: DataFrame) -> DataFrame:
-    """The rejected rows with their source file, raw values and reason."""
-    rejected = rows.filter(F.col("reason").isNotNull())
-    return rejected.select(
-        "source_file", SYMBOL, *CSV_COLUMNS, F.col(CORRUPT).alias("raw_line"), "reason"
+    """The rejected rows with their source file, line number, raw values and reason."""
+    return rows.filter(F.col(REASON).isNotNull()).select(*REJECTS_SCHEMA.names)
+
+
+def file_counts(accounting: DataFrame) -> pd.DataFrame:
+    """Per file: lines read, kept, and rejected by reason (one aggregation of the accounting
+    pass, whose rows each stand for ``rows`` lines)."""
+    lines = F.col(ROWS)
+    counts = accounting.groupBy(SOURCE_FILE).agg(
+        F.sum(lines).alias("read"),
+        F.sum(F.when(F.col(REASON).isNull(), lines).otherwise(0)).alias("kept"),
+        *(F.sum(F.when(F.col(REASON) == r, lines).otherwise(0)).alias(r) for r in REASONS),
     )
-
-
-def header_line_rejects(spark: SparkSession, found: RawFiles) -> DataFrame:
-    """A wrong first line was skipped by Spark as a header: keep it as a reject, not lose it."""
-    rows = [
-        (file, Path(file).name.removesuffix(".csv"), *([None] * len(CSV_COLUMNS)), line, BAD_HEADER)
-        for file, line in sorted(found.bad_header.items())
-    ]
-    return spark.createDataFrame(rows, REJECTS_SCHEMA)
-
-
-def file_counts(rows: DataFrame) -> pd.DataFrame:
-    """Per file: lines read, kept, and rejected by reason (one aggregation)."""
-    counts = rows.groupBy("source_file").agg(
-        F.count(F.lit(1)).alias("read"),
-        F.count(F.when(F.col("reason").isNull(), 1)).alias("kept"),
-        *(F.count(F.when(F.col("reason") == r, 1)).alias(r) for r in REASONS),
-    )
-    return counts.toPandas().set_index("source_file").sort_index()
+    return counts.toPandas().set_index(SOURCE_FILE).sort_index()
 
 
 def run(spark: SparkSession, config: Config) -> StageSummary:
@@ -261,27 +251,29 @@ def run(spark: SparkSession, config: Config) -> StageSummary:
         name_rows,
         StructType([StructField(SYMBOL, StringType()), StructField(SECURITY_NAME, StringType())]),
     )
-    rows = mark_duplicates(classify(read_raw(spark, raw_dir), sorted(found.bad_header)))
-    # Classified once, read three times (prices, rejects, counts): no second CSV scan.
-    rows = rows.persist(StorageLevel.MEMORY_AND_DISK)
-    try:
-        counts = file_counts(rows)
-        extra = header_line_rejects(spark, found)
-        write_table(to_prices(rows, names), config.prices_path, config.storage_format)
-        write_table(to_rejects(rows).unionByName(extra), config.rejects_path, config.storage_format)
-    finally:
-        rows.unpersist()
-    for file in found.bad_header:  # the first line, which Spark skipped as a header
-        if file not in counts.index:
-            counts.loc[file] = 0
-        counts.loc[file, ["read", BAD_HEADER]] += 1
-    _check_conservation(counts)
-    written = sum(
-        read_table(spark, path, config.storage_format).count()
-        for path in (config.prices_path, config.rejects_path)
+    several = found.symbols_in_several_files()
+    keep_text = frozenset(
+        f for f in found.csv_files if Path(f).name.removesuffix(".csv") in several
     )
-    if written != counts["read"].sum():
-        raise ConservationError(f"{counts['read'].sum()} rows read but {written} rows written")
+    # Two passes over the files, both classifying every line with the same code. The prices pass
+    # streams the good rows into the table; the accounting pass keeps only the rejected rows and
+    # one count per file, small enough to persist. Parsing twice costs less than caching 28
+    # million rows in the JVM (docs/ingest.md), and the passes check each other below.
+    kept = mark_duplicates(read_raw(spark, raw_dir, False, keep_text), several)
+    write_table(to_prices(kept, names), config.prices_path, config.storage_format)
+    accounting = mark_duplicates(read_raw(spark, raw_dir, True, keep_text), several)
+    accounting = accounting.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        counts = file_counts(accounting)
+        write_table(to_rejects(accounting), config.rejects_path, config.storage_format)
+    finally:
+        accounting.unpersist()
+    _check_conservation(counts)
+    for path, expected in ((config.prices_path, "kept"), (config.rejects_path, None)):
+        written = read_table(spark, path, config.storage_format).count()
+        want = int(counts[expected].sum()) if expected else int(counts[list(REASONS)].sum().sum())
+        if written != want:
+            raise ConservationError(f"{path}: {written} rows written, {want} expected")
     files_with_rows = set(counts.index)
     header_only = [f for f in found.csv_files if f not in files_with_rows and f not in found.empty]
     symbols = {Path(f).name.removesuffix(".csv") for f in found.csv_files}
@@ -298,7 +290,7 @@ def run(spark: SparkSession, config: Config) -> StageSummary:
             "rejected_by_reason": rejected,
             "header_only_files": header_only,
             "empty_files": found.empty,
-            "bad_header_files": sorted(found.bad_header),
+            "bad_header_files": sorted(counts.index[counts[BAD_HEADER] > 0]),
             "symbols_without_metadata": no_meta,
             "format": config.storage_format,
         },

@@ -1,0 +1,337 @@
+"""One per-symbol Kaggle CSV file, as bytes, into classified rows: pure Python + pyarrow, no Spark.
+
+Ingest hands every file to this kernel inside a Spark ``mapInArrow`` task. Spark's own CSV reader
+parses and casts each value in the JVM one row at a time; here a file is split into lines with
+numpy, parsed with Arrow's C++ CSV reader and checked with vectorised Arrow kernels, about ten
+times less CPU per row on this workload (docs/ingest.md has the measurement).
+
+Every data line of the file becomes exactly one output row: ``reason`` is null for a good row
+(typed values filled) and names the first rule the line breaks otherwise (its raw text kept).
+Lines are numbered from 1, the header being line 1.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import date
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from stockvol.schema import CSV_COLUMNS, DATE, PRICE_COLUMNS, SYMBOL, VOLUME
+
+HEADER = ",".join(CSV_COLUMNS).encode()
+BOM = b"\xef\xbb\xbf"
+FIRST_DATE = "1900-01-01"
+FIELDS = len(CSV_COLUMNS)
+
+# Reject reasons, in the order they are checked: a line gets the first that applies.
+MALFORMED_LINE = "malformed_line"  # not exactly 7 comma-separated fields (an empty line is skipped)
+BAD_HEADER = "bad_header"  # the file does not start with the Kaggle header: every line rejected
+MISSING_VALUES = "missing_values"  # a field empty or blank
+BAD_DATE = "bad_date"  # not a real calendar date written YYYY-MM-DD, or outside 1900..today
+BAD_NUMBER = "bad_number"  # a price that is not a finite number, a Volume that is not a whole int64
+NEGATIVE_VOLUME = "negative_volume"
+DUPLICATE_DATE = "duplicate_date"  # the (Symbol, Date) was already kept from another line
+REASONS = (
+    MALFORMED_LINE,
+    BAD_HEADER,
+    MISSING_VALUES,
+    BAD_DATE,
+    BAD_NUMBER,
+    NEGATIVE_VOLUME,
+    DUPLICATE_DATE,
+)
+
+SOURCE_FILE, LINE, REASON, RAW_LINE = "source_file", "line", "reason", "raw_line"
+
+
+def typed(name: str) -> str:
+    """The typed copy of a CSV column (``_Open``); the raw text keeps the plain name."""
+    return f"_{name}"
+
+
+# Typed values are filled for good rows, raw text (and the whole line) for rejected ones.
+PARSED_SCHEMA = pa.schema(
+    [
+        (SOURCE_FILE, pa.string()),
+        (SYMBOL, pa.string()),
+        (LINE, pa.int64()),
+        (REASON, pa.string()),
+        (DATE, pa.string()),
+        *((typed(name), pa.float64()) for name in PRICE_COLUMNS),
+        (typed(VOLUME), pa.int64()),
+        *((name, pa.string()) for name in CSV_COLUMNS if name != DATE),
+        (RAW_LINE, pa.string()),
+    ]
+)
+
+# Only used on the rare column whose fast cast fails, to find the values that are numbers.
+_NUMBER = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
+_WHOLE = r"^-?[0-9]+(\.0*)?$"  # a Volume: an integer, possibly spelled 806400.0
+_INT64_MAX = str(np.iinfo(np.int64).max)
+_DATE_SHAPE = r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
+_READ = pacsv.ReadOptions(column_names=list(CSV_COLUMNS), use_threads=False)
+# Standard quoting ("1.5"), but a value never spans lines: a stray quote cannot swallow the lines
+# after it. A file whose quotes do not parse is read again with quotes as plain characters.
+_PARSE = pacsv.ParseOptions(newlines_in_values=False, ignore_empty_lines=False)
+_PARSE_UNQUOTED = pacsv.ParseOptions(quote_char=False, double_quote=False, ignore_empty_lines=False)
+_CONVERT = pacsv.ConvertOptions(
+    column_types={name: pa.string() for name in CSV_COLUMNS},
+    strings_can_be_null=False,
+    quoted_strings_can_be_null=False,
+)
+_CONVERT_TYPED = pacsv.ConvertOptions(
+    column_types={
+        DATE: pa.string(),
+        **{name: pa.float64() for name in PRICE_COLUMNS},
+        VOLUME: pa.int64(),
+    },
+    strings_can_be_null=False,
+)
+
+
+def symbol_of(source_file: str) -> str:
+    """The Symbol is the file name exactly as it is, without ``.csv``."""
+    return re.sub(r"\.csv$", "", source_file.rsplit("/", 1)[-1])
+
+
+def parse_file(
+    content: bytes, source_file: str, today: date | None = None, keep_text: bool = False
+) -> pa.Table:
+    """Every data line of one CSV file, classified (``PARSED_SCHEMA``), in line order.
+
+    The raw text of good rows is dropped (null) unless ``keep_text``: a later step may still
+    reject them (a date repeated in another file) and must keep what the file said.
+    """
+    today = today or date.today()
+    if content.startswith(BOM):
+        content = content[len(BOM) :]
+    if b"\r" in content:  # CRLF or CR line ends, as Python's splitlines() and Spark's reader see
+        content = content.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    try:
+        content.decode("utf-8")
+    except UnicodeDecodeError:  # keep the line, with U+FFFD where a byte was not UTF-8
+        content = content.decode("utf-8", errors="replace").encode("utf-8")
+    header, _, body = content.partition(b"\n")
+    if not content:
+        return PARSED_SCHEMA.empty_table()
+    if header != HEADER:
+        lines = content.split(b"\n")
+        lines = lines[:-1] if lines[-1] == b"" else lines
+        return _rejected_lines(lines, np.arange(1, len(lines) + 1), BAD_HEADER, source_file)
+    if not body:
+        return PARSED_SCHEMA.empty_table()
+    if not body.endswith(b"\n"):
+        body += b"\n"
+    fast = None if keep_text else _all_good(body, source_file, today)  # the usual file
+    if fast is not None:
+        return fast
+    buffer = np.frombuffer(body, dtype=np.uint8)
+    ends = np.flatnonzero(buffer == ord("\n"))
+    commas_before_end = np.searchsorted(np.flatnonzero(buffer == ord(",")), ends)
+    well_formed = np.diff(commas_before_end, prepend=0) == FIELDS - 1
+    # An empty line holds no data: skipped, as Spark's and pandas' CSV readers skip it.
+    empty = np.diff(ends, prepend=-1) == 1
+    numbers = np.arange(2, len(ends) + 2)  # line 1 is the header
+    if well_formed.all():
+        return _checked(body, numbers, source_file, today, keep_text)
+    lines = body.split(b"\n")[:-1]
+    malformed = ~well_formed & ~empty
+    parts = [
+        _rejected_lines(
+            [line for line, bad in zip(lines, malformed, strict=True) if bad],
+            numbers[malformed],
+            MALFORMED_LINE,
+            source_file,
+        )
+    ]
+    if well_formed.any():
+        good_body = b"\n".join(line for line, ok in zip(lines, well_formed, strict=True) if ok)
+        parts.append(
+            _checked(good_body + b"\n", numbers[well_formed], source_file, today, keep_text)
+        )
+    return pa.concat_tables(parts).sort_by(LINE)
+
+
+def _rejected_lines(
+    lines: list[bytes], numbers: np.ndarray, reason: str, source_file: str
+) -> pa.Table:
+    """Lines rejected whole: only their text is kept."""
+    n = len(lines)
+    columns = {
+        SOURCE_FILE: pa.array([source_file] * n, pa.string()),
+        SYMBOL: pa.array([symbol_of(source_file)] * n, pa.string()),
+        LINE: pa.array(numbers, pa.int64()),
+        REASON: pa.array([reason] * n, pa.string()),
+        RAW_LINE: pa.array([line.decode("utf-8") for line in lines], pa.string()),
+    }
+    return pa.table(
+        [columns.get(f.name, pa.nulls(n, f.type)) for f in PARSED_SCHEMA], schema=PARSED_SCHEMA
+    )
+
+
+def _all_good(body: bytes, source_file: str, today: date) -> pa.Table | None:
+    """Lines that are all good, parsed straight to types (a line that is not 7 fields fails the
+    parse); None if any line is not good."""
+    try:
+        table = pacsv.read_csv(
+            pa.py_buffer(body),
+            read_options=_READ,
+            parse_options=_PARSE,
+            convert_options=_CONVERT_TYPED,
+        ).combine_chunks()
+        pc.cast(table.column(DATE), pa.date32())
+    except pa.ArrowInvalid:
+        return None
+    if any(column.null_count for column in table.columns):
+        return None  # an empty number
+    dates = table.column(DATE)
+    first, last = pc.min_max(dates).values()
+    if first.as_py() < FIRST_DATE or last.as_py() > today.isoformat():
+        return None
+    if not _is_true(pc.greater(dates[1:], dates[:-1])).all():
+        return None  # a repeated date (or lines out of order: the careful path decides)
+    for name in PRICE_COLUMNS:
+        if not _is_true(pc.is_finite(table.column(name))).all():
+            return None
+    if pc.min(table.column(VOLUME)).as_py() < 0:
+        return None
+    n = table.num_rows
+    numbers = np.arange(2, n + 2)  # line 1 is the header
+    columns = {
+        SOURCE_FILE: pa.array([source_file] * n, pa.string()),
+        SYMBOL: pa.array([symbol_of(source_file)] * n, pa.string()),
+        LINE: pa.array(numbers, pa.int64()),
+        DATE: dates,
+        **{typed(name): table.column(name) for name in (*PRICE_COLUMNS, VOLUME)},
+    }
+    return pa.table(
+        [columns.get(f.name, pa.nulls(n, f.type)) for f in PARSED_SCHEMA], schema=PARSED_SCHEMA
+    )
+
+
+def _checked(
+    body: bytes, numbers: np.ndarray, source_file: str, today: date, keep_text: bool
+) -> pa.Table:
+    """Every value as text, checked rule by rule: the path for files with a bad line."""
+    try:
+        raw = pacsv.read_csv(
+            pa.py_buffer(body), read_options=_READ, parse_options=_PARSE, convert_options=_CONVERT
+        )
+    except pa.ArrowInvalid:
+        raw = pacsv.read_csv(
+            pa.py_buffer(body),
+            read_options=_READ,
+            parse_options=_PARSE_UNQUOTED,
+            convert_options=_CONVERT,
+        )
+    raw = raw.combine_chunks()
+    n = raw.num_rows
+    text = {
+        name: pa.concat_arrays(raw.column(name).chunks or [pa.array([], pa.string())])
+        for name in raw.column_names
+    }
+    missing = np.zeros(n, dtype=bool)
+    for column in text.values():
+        missing |= _is_true(pc.equal(pc.utf8_trim_whitespace(column), ""))
+    date_ok = _real_dates(text[DATE], today)
+    prices = {name: _to_float(text[name]) for name in PRICE_COLUMNS}
+    prices_ok = np.ones(n, dtype=bool)
+    for values in prices.values():
+        prices_ok &= _is_true(pc.is_finite(values))
+    volume = _to_int64(text[VOLUME])
+    volume_ok = _is_true(pc.is_valid(volume))
+    negative = _is_true(pc.less(volume, 0))
+    codes = np.select(
+        [missing, ~date_ok, ~(prices_ok & volume_ok), negative],
+        [REASONS.index(r) for r in (MISSING_VALUES, BAD_DATE, BAD_NUMBER, NEGATIVE_VOLUME)],
+        default=-1,
+    )
+    good = codes < 0
+    # A date repeated in one file: the first line keeps it (dates of good rows are valid
+    # YYYY-MM-DD, so a strictly increasing file, the usual case, needs no hashing).
+    dates = text[DATE]
+    good_dates = dates.filter(pa.array(good))
+    if len(good_dates) > 1 and not _is_true(pc.greater(good_dates[1:], good_dates[:-1])).all():
+        repeated = np.zeros(n, dtype=bool)
+        first_seen = pd.Series(good_dates.to_numpy(zero_copy_only=False)).duplicated()
+        repeated[good] = first_seen.to_numpy()
+        codes[repeated] = REASONS.index(DUPLICATE_DATE)
+        good = codes < 0
+    keep, text_kept = pa.array(good), pa.array(~good | keep_text)
+    reason_names = np.array(REASONS, dtype=object)
+    reason = pa.array(np.where(good, None, reason_names[np.maximum(codes, 0)]), pa.string())
+    whole_line = pc.binary_join_element_wise(*text.values(), ",")
+    columns = {
+        SOURCE_FILE: pa.array([source_file] * n, pa.string()),
+        SYMBOL: pa.array([symbol_of(source_file)] * n, pa.string()),
+        LINE: pa.array(numbers, pa.int64()),
+        REASON: reason,
+        DATE: dates,
+        **{typed(name): _where(keep, values) for name, values in prices.items()},
+        typed(VOLUME): _where(keep, volume),
+        **{name: _where(text_kept, text[name]) for name in CSV_COLUMNS if name != DATE},
+        RAW_LINE: _where(text_kept, whole_line),
+    }
+    return pa.table([columns[f.name] for f in PARSED_SCHEMA], schema=PARSED_SCHEMA)
+
+
+def _is_true(mask: pa.Array) -> np.ndarray:
+    """A boolean Arrow array as numpy, null counting as False."""
+    return pc.fill_null(mask, False).to_numpy(zero_copy_only=False)
+
+
+def _where(mask: pa.Array, values: pa.Array) -> pa.Array:
+    """``values`` where ``mask``, null elsewhere."""
+    return pc.if_else(mask, values, pa.nulls(len(values), values.type))
+
+
+def _real_dates(text: pa.Array, today: date) -> np.ndarray:
+    """Strictly ``YYYY-MM-DD``, a real calendar date, within 1900-01-01..today."""
+    try:
+        pc.cast(text, pa.date32())  # Arrow's ISO parser: exact shape, real day of the month
+        real = np.ones(len(text), dtype=bool)
+    except pa.ArrowInvalid:  # the rare file with a bad date: value by value
+        real = np.array([_is_real_date(value) for value in text.to_pylist()], dtype=bool)
+    # Real dates in this shape compare as text in calendar order.
+    in_range = pc.and_(pc.greater_equal(text, FIRST_DATE), pc.less_equal(text, today.isoformat()))
+    return real & _is_true(in_range)
+
+
+def _is_real_date(value: str) -> bool:
+    if not re.fullmatch(_DATE_SHAPE, value):
+        return False
+    try:
+        date.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _to_float(text: pa.Array) -> pa.Array:
+    """Doubles; null where the text is not a number (NaN/inf stay, and fail the finite check)."""
+    try:
+        return pc.cast(text, pa.float64())  # the whole column at once: the usual case
+    except pa.ArrowInvalid:
+        number = pc.match_substring_regex(text, _NUMBER)
+        return _where(number, pc.cast(pc.if_else(number, text, "0"), pa.float64()))
+
+
+def _to_int64(text: pa.Array) -> pa.Array:
+    """A whole Volume as int64 (``806400.0`` too); null where not whole or beyond int64."""
+    try:
+        return pc.cast(text, pa.int64())
+    except pa.ArrowInvalid:
+        whole = _is_true(pc.match_substring_regex(text, _WHOLE))
+        digits = pc.replace_substring_regex(text, r"\.0*$", "")
+        magnitude = pc.replace_substring_regex(digits, r"^-", "")
+        length = pc.utf8_length(magnitude).to_numpy(zero_copy_only=False)
+        fits = (length < len(_INT64_MAX)) | (
+            (length == len(_INT64_MAX)) & _is_true(pc.less_equal(magnitude, _INT64_MAX))
+        )
+        ok = pa.array(whole & fits)
+        return _where(ok, pc.cast(pc.if_else(ok, digits, "0"), pa.int64()))

@@ -1,0 +1,151 @@
+"""The per-file parser behind ingest: pure Python + pyarrow, checked against pandas and by hand."""
+
+from __future__ import annotations
+
+from datetime import date
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from stockvol.raw_csv import HEADER, PARSED_SCHEMA, parse_file
+
+FIXTURES = Path(__file__).parent / "fixtures" / "kaggle-sample"
+TODAY = date(2026, 11, 26)
+GOOD = b"2020-01-02,1.0,2.0,0.5,1.5,1.4,100"
+
+
+def parse(body: bytes, name: str = "stocks/T.csv", **kwargs) -> pd.DataFrame:
+    table = parse_file(body, name, today=TODAY, **kwargs)
+    assert table.schema == PARSED_SCHEMA
+    return table.to_pandas()
+
+
+def reasons(frame: pd.DataFrame) -> dict[int, str | None]:
+    return dict(zip(frame["line"], frame["reason"], strict=True))
+
+
+def test_each_line_gets_the_first_rule_it_breaks_numbered_from_the_header() -> None:
+    body = (
+        HEADER
+        + b"\n"
+        + b"\n".join(
+            [
+                b"2020-02-30,1,2,0.5,1.5,1.4,100",  # 2: no such day
+                b"2020-01-03,x,2,0.5,1.5,1.4,100",  # 3
+                b"2020-01-03,1,2,0.5,1.5,1.4,100",  # 4: kept
+                b"2020-01-03,1,2,0.5,1.5,1.4,101",  # 5: repeats line 4's date
+                b"2020-01-06,1,2,0.5,1.5,1.4,-5",  # 6
+                b"2020-01-07,1,2,0.5,1.5,1.4,5.5",  # 7: not whole
+                b"2020-01-08,1,2",  # 8
+                b"2020-01-09,1,2,0.5,1.5,1.4,7,9",  # 9
+                b"2020-01-10,NaN,2,0.5,1.5,1.4,7",  # 10
+                b"2020-01-13,1,2,0.5,1.5,1.4,99999999999999999999",  # 11: beyond int64
+                b"2020-01-14,1,2,0.5,1.5,1.4,806400.0",  # 12: kept, whole
+                b"",  # 13: empty, no data: skipped
+                b"\x00\x00\x00",  # 14: NUL padding
+                b"2020-01-15,1,2,,1.5,1.4,100",  # 15
+                b"1899-12-29,1,2,1,1.5,1.4,100",  # 16: before 1900
+                b"2026-11-27,1,2,1,1.5,1.4,100",  # 17: after today
+                b"2020-1-16,1,2,1,1.5,1.4,100",  # 18: not YYYY-MM-DD
+                b"2020-01-17,1,inf,1,1.5,1.4,100",  # 19
+                b"2020-01-20,1,2,1,1.5,1.4,9223372036854775807",  # 20: kept, int64 max
+            ]
+        )
+    )
+    frame = parse(body)
+    assert reasons(frame) == {
+        2: "bad_date",
+        3: "bad_number",
+        4: None,
+        5: "duplicate_date",
+        6: "negative_volume",
+        7: "bad_number",
+        8: "malformed_line",
+        9: "malformed_line",
+        10: "bad_number",
+        11: "bad_number",
+        12: None,
+        14: "malformed_line",
+        15: "missing_values",
+        16: "bad_date",
+        17: "bad_date",
+        18: "bad_date",
+        19: "bad_number",
+        20: None,
+    }
+    kept = frame[frame["reason"].isna()].set_index("line")
+    assert kept.loc[12, "_Volume"] == 806400 and kept.loc[20, "_Volume"] == 2**63 - 1
+    assert kept[["Open", "Volume", "raw_line"]].isna().all().all()  # no raw text for good rows
+    rejected = frame[frame["reason"].notna()].set_index("line")
+    assert rejected.loc[5, "raw_line"] == "2020-01-03,1,2,0.5,1.5,1.4,101"
+    assert rejected.loc[5, "Volume"] == "101" and np.isnan(rejected.loc[5, "_Volume"])
+    assert rejected.loc[14, "raw_line"] == "\x00\x00\x00"
+    assert (frame["Symbol"] == "T").all() and (frame["source_file"] == "stocks/T.csv").all()
+
+
+def test_a_wrong_header_rejects_every_line_with_its_text() -> None:
+    frame = parse(b"date,open\n" + GOOD + b"\n" + GOOD + b"\n")
+    assert reasons(frame) == {1: "bad_header", 2: "bad_header", 3: "bad_header"}
+    assert frame["raw_line"].tolist() == ["date,open", GOOD.decode(), GOOD.decode()]
+
+
+@pytest.mark.parametrize("content", [b"", HEADER, HEADER + b"\n", HEADER + b"\r\n"])
+def test_empty_and_header_only_files_have_no_rows(content: bytes) -> None:
+    assert parse(content).empty
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        HEADER + b"\r\n" + GOOD + b"\r\n",  # Windows line ends
+        HEADER + b"\r" + GOOD,  # old Mac line ends, no final newline
+        b"\xef\xbb\xbf" + HEADER + b"\n" + GOOD + b"\n",  # UTF-8 byte order mark
+    ],
+)
+def test_line_ends_and_a_byte_order_mark_do_not_matter(content: bytes) -> None:
+    frame = parse(content)
+    assert reasons(frame) == {2: None}
+    assert frame.loc[0, "_Adj Close"] == 1.4 and frame.loc[0, "_Volume"] == 100
+
+
+def test_quoted_values_are_read_and_a_stray_quote_swallows_no_line() -> None:
+    quoted = b'"2020-01-02","1.0","2.0","0.5","1.5","1.4","100"'
+    assert reasons(parse(HEADER + b"\n" + quoted + b"\n")) == {2: None}
+    stray = b'2020-01-03,"1.0,2.0,0.5,1.5,1.4,100'
+    later = GOOD.replace(b"01-02", b"01-06")
+    frame = parse(HEADER + b"\n" + quoted + b"\n" + stray + b"\n" + later + b"\n")
+    # The file's quotes do not parse: it is read with quotes as plain text, line by line.
+    assert reasons(frame) == {2: "bad_date", 3: "bad_number", 4: None}
+    assert frame.loc[2, "Date"] == "2020-01-06" and frame.loc[2, "_Volume"] == 100
+
+
+def test_bytes_that_are_not_utf8_are_kept_replaced_in_the_reject() -> None:
+    frame = parse(HEADER + b"\n2020-01-02,1.0,2.0,0.5,1.5,1.4,1\xff0\n")
+    assert reasons(frame) == {2: "bad_number"}
+    assert frame.loc[0, "Volume"] == "1\ufffd0"
+
+
+def test_keep_text_keeps_the_text_of_good_rows() -> None:
+    frame = parse(HEADER + b"\n" + GOOD + b"\n", keep_text=True)
+    assert reasons(frame) == {2: None}
+    assert frame.loc[0, "raw_line"] == GOOD.decode() and frame.loc[0, "Volume"] == "100"
+    assert frame.loc[0, "_Volume"] == 100
+
+
+@pytest.mark.parametrize("name", ["stocks/KO.csv", "stocks/HBAN.csv", "etfs/VSGX.csv"])
+def test_real_files_equal_pandas(name: str) -> None:
+    """The real files, through both paths (fast and careful), against pandas' exact reading."""
+    content = (FIXTURES / name).read_bytes()
+    expected = pd.read_csv(BytesIO(content), float_precision="round_trip", dtype={"Date": str})
+    complete = expected.dropna()  # HBAN and KO have Date-only lines: missing_values
+    for keep_text in (False, True):
+        frame = parse(content, name, keep_text=keep_text)
+        assert len(frame) == len(expected)
+        kept = frame[frame["reason"].isna()]
+        assert set(frame["reason"].dropna()) <= {"missing_values"}
+        assert kept["Date"].tolist() == complete["Date"].tolist()
+        for column in ("Open", "High", "Low", "Close", "Adj Close", "Volume"):
+            np.testing.assert_array_equal(kept[f"_{column}"].to_numpy(), complete[column])
