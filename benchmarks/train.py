@@ -21,11 +21,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common`, beside this file
@@ -51,6 +53,48 @@ def tree_cpu_seconds(root: psutil.Process) -> float:
             t = proc.cpu_times()
             total += t.user + t.system + t.children_user + t.children_system
     return total
+
+
+class CpuTimeline:
+    """Samples the process tree's CPU seconds twice a second, to split them between phases."""
+
+    def __init__(self, root: psutil.Process, interval: float = 0.5) -> None:
+        self.root = root
+        self.interval = interval
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-timeline", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter(), tree_cpu_seconds(self.root)))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> CpuTimeline:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append((time.perf_counter(), tree_cpu_seconds(self.root)))
+
+    def at(self, moment: float) -> float:
+        """CPU seconds used up to ``moment`` (perf_counter), interpolated between samples."""
+        times = [t for t, _ in self.samples]
+        cpus = [c for _, c in self.samples]
+        return float(np.interp(moment, times, cpus))
+
+    def per_phase(self, start: float, durations: dict[str, float], end: float) -> dict[str, float]:
+        """CPU seconds of each phase; the phases ran one after another from ``start``, in order."""
+        result, clock = {}, start
+        for name, seconds in durations.items():
+            if name == "total":
+                continue
+            result[name] = self.at(clock + seconds) - self.at(clock)
+            clock += seconds
+        result["export"] = self.at(end) - self.at(start + durations["total"])
+        return {k: round(v, 1) for k, v in result.items()}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -81,12 +125,12 @@ def worker(args: argparse.Namespace) -> None:
     spark = build_session(config, "stockvol-bench-train", extra_conf=extra)
     startup = time.perf_counter() - clock
     try:
-        me = psutil.Process()
-        cpu = tree_cpu_seconds(me)
-        clock = time.perf_counter()
-        run(spark, config)
-        seconds = time.perf_counter() - clock
-        cpu = tree_cpu_seconds(me) - cpu
+        with CpuTimeline(psutil.Process()) as timeline:
+            clock = time.perf_counter()
+            run(spark, config)
+            end = time.perf_counter()
+        seconds = end - clock
+        cpu = timeline.at(end) - timeline.at(clock)
         conf = dict(spark.sparkContext.getConf().getAll())
     finally:
         spark.stop()
@@ -103,6 +147,7 @@ def worker(args: argparse.Namespace) -> None:
                 "cpu_seconds": cpu,
                 "jvm_start_seconds": startup,
                 "durations": metrics["durations_seconds"],
+                "cpu_per_phase": timeline.per_phase(clock, metrics["durations_seconds"], end),
                 "rows": metrics["rows"],
                 "r2": metrics["test"]["r2"],
                 "rmse": metrics["test"]["rmse"],
@@ -187,9 +232,10 @@ def main(argv: list[str] | None = None) -> None:
         result = measure(args, fraction, args.max_rows)
         results.append(result)
         phases = ", ".join(f"{k} {v:.1f}" for k, v in result["durations"].items())
+        cpu = ", ".join(f"{k} {v:.0f}" for k, v in result["cpu_per_phase"].items())
         print(
             f"fraction {fraction:g}: {result['seconds']:.1f} s ({phases}; JVM start "
-            f"{result['jvm_start_seconds']:.1f}), R² {result['r2']:.4f}",
+            f"{result['jvm_start_seconds']:.1f}); CPU s: {cpu}; R² {result['r2']:.4f}",
             flush=True,
         )
     first = results[0]
