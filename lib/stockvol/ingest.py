@@ -39,7 +39,9 @@ from stockvol.raw_csv import (
     REASON,
     REASONS,
     SOURCE_FILE,
+    padded_table,
     parse_file,
+    symbol_of,
     typed,
 )
 from stockvol.schema import (
@@ -93,7 +95,7 @@ class RawFiles:
 
     def symbols_in_several_files(self) -> list[str]:
         """Symbols with a file in both folders: only their dates can repeat across files."""
-        symbols = Counter(Path(f).name.removesuffix(".csv") for f in self.csv_files)
+        symbols = Counter(symbol_of(f) for f in self.csv_files)
         return sorted(symbol for symbol, files in symbols.items() if files > 1)
 
 
@@ -138,11 +140,7 @@ def accounting_rows(table: pa.Table, whole: bool) -> pa.Table:
         SYMBOL: table.column(SYMBOL)[:1],
         ROWS: pa.array([pc.sum(good.cast(pa.int64())).as_py()], pa.int64()),
     }
-    one = pa.table(
-        [summary.get(f.name, pa.nulls(1, f.type)) for f in ACCOUNTING_SCHEMA],
-        schema=ACCOUNTING_SCHEMA,
-    )
-    return pa.concat_tables([rejected, one])
+    return pa.concat_tables([rejected, padded_table(summary, 1, ACCOUNTING_SCHEMA)])
 
 
 def file_parser(
@@ -252,9 +250,7 @@ def run(spark: SparkSession, config: Config) -> StageSummary:
         StructType([StructField(SYMBOL, StringType()), StructField(SECURITY_NAME, StringType())]),
     )
     several = found.symbols_in_several_files()
-    keep_text = frozenset(
-        f for f in found.csv_files if Path(f).name.removesuffix(".csv") in several
-    )
+    keep_text = frozenset(f for f in found.csv_files if symbol_of(f) in several)
     # Two passes over the files, both classifying every line with the same code. The prices pass
     # streams the good rows into the table; the accounting pass keeps only the rejected rows and
     # one count per file, small enough to persist. Parsing twice costs less than caching 28
@@ -276,7 +272,7 @@ def run(spark: SparkSession, config: Config) -> StageSummary:
             raise ConservationError(f"{path}: {written} rows written, {want} expected")
     files_with_rows = set(counts.index)
     header_only = [f for f in found.csv_files if f not in files_with_rows and f not in found.empty]
-    symbols = {Path(f).name.removesuffix(".csv") for f in found.csv_files}
+    symbols = {symbol_of(f) for f in found.csv_files}
     no_meta = sorted(symbols - set(name_rows[SYMBOL]))
     rejected = {r: int(counts[r].sum()) for r in REASONS if counts[r].sum()}
     return StageSummary(

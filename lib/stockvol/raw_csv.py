@@ -94,6 +94,23 @@ _CONVERT_TYPED = pacsv.ConvertOptions(
 )
 
 
+def padded_table(
+    columns: dict[str, pa.Array], n: int, schema: pa.Schema = PARSED_SCHEMA
+) -> pa.Table:
+    """``n`` rows of ``schema``: the given columns, every other column null."""
+    return pa.table([columns.get(f.name, pa.nulls(n, f.type)) for f in schema], schema=schema)
+
+
+def _file_columns(source_file: str, numbers: np.ndarray) -> dict[str, pa.Array]:
+    """What every row of a file carries: its file, its Symbol and its line number."""
+    n = len(numbers)
+    return {
+        SOURCE_FILE: pa.array([source_file] * n, pa.string()),
+        SYMBOL: pa.array([symbol_of(source_file)] * n, pa.string()),
+        LINE: pa.array(numbers, pa.int64()),
+    }
+
+
 def symbol_of(source_file: str) -> str:
     """The Symbol is the file name exactly as it is, without ``.csv``."""
     return re.sub(r"\.csv$", "", source_file.rsplit("/", 1)[-1])
@@ -163,15 +180,11 @@ def _rejected_lines(
     """Lines rejected whole: only their text is kept."""
     n = len(lines)
     columns = {
-        SOURCE_FILE: pa.array([source_file] * n, pa.string()),
-        SYMBOL: pa.array([symbol_of(source_file)] * n, pa.string()),
-        LINE: pa.array(numbers, pa.int64()),
+        **_file_columns(source_file, numbers),
         REASON: pa.array([reason] * n, pa.string()),
         RAW_LINE: pa.array([line.decode("utf-8") for line in lines], pa.string()),
     }
-    return pa.table(
-        [columns.get(f.name, pa.nulls(n, f.type)) for f in PARSED_SCHEMA], schema=PARSED_SCHEMA
-    )
+    return padded_table(columns, n)
 
 
 def _all_good(body: bytes, source_file: str, today: date) -> pa.Table | None:
@@ -201,17 +214,12 @@ def _all_good(body: bytes, source_file: str, today: date) -> pa.Table | None:
     if pc.min(table.column(VOLUME)).as_py() < 0:
         return None
     n = table.num_rows
-    numbers = np.arange(2, n + 2)  # line 1 is the header
     columns = {
-        SOURCE_FILE: pa.array([source_file] * n, pa.string()),
-        SYMBOL: pa.array([symbol_of(source_file)] * n, pa.string()),
-        LINE: pa.array(numbers, pa.int64()),
+        **_file_columns(source_file, np.arange(2, n + 2)),  # line 1 is the header
         DATE: dates,
         **{typed(name): table.column(name) for name in (*PRICE_COLUMNS, VOLUME)},
     }
-    return pa.table(
-        [columns.get(f.name, pa.nulls(n, f.type)) for f in PARSED_SCHEMA], schema=PARSED_SCHEMA
-    )
+    return padded_table(columns, n)
 
 
 def _checked(
@@ -229,7 +237,6 @@ def _checked(
             parse_options=_PARSE_UNQUOTED,
             convert_options=_CONVERT,
         )
-    raw = raw.combine_chunks()
     n = raw.num_rows
     text = {
         name: pa.concat_arrays(raw.column(name).chunks or [pa.array([], pa.string())])
@@ -267,9 +274,7 @@ def _checked(
     reason = pa.array(np.where(good, None, reason_names[np.maximum(codes, 0)]), pa.string())
     whole_line = pc.binary_join_element_wise(*text.values(), ",")
     columns = {
-        SOURCE_FILE: pa.array([source_file] * n, pa.string()),
-        SYMBOL: pa.array([symbol_of(source_file)] * n, pa.string()),
-        LINE: pa.array(numbers, pa.int64()),
+        **_file_columns(source_file, numbers),
         REASON: reason,
         DATE: dates,
         **{typed(name): _where(keep, values) for name, values in prices.items()},
@@ -277,7 +282,7 @@ def _checked(
         **{name: _where(text_kept, text[name]) for name in CSV_COLUMNS if name != DATE},
         RAW_LINE: _where(text_kept, whole_line),
     }
-    return pa.table([columns[f.name] for f in PARSED_SCHEMA], schema=PARSED_SCHEMA)
+    return padded_table(columns, n)
 
 
 def _is_true(mask: pa.Array) -> np.ndarray:
