@@ -32,6 +32,20 @@ def spark() -> Iterator[SparkSession]:
     session.stop()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def report_figures(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a module's tests, print its ``FIGURES`` counter (if it has one) as one line,
+    ``[reliability] FIGURES_TITLE: key=value, ...``, past pytest's output capture."""
+    yield
+    figures = getattr(request.module, "FIGURES", None)
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if figures and reporter is not None and capture is not None:
+        line = ", ".join(f"{k}={v}" for k, v in sorted(figures.items()))
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"\n[reliability] {request.module.FIGURES_TITLE}: {line}")
+
+
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
     """The project's configuration with every path under this test's own tmp_path."""

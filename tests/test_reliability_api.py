@@ -572,7 +572,8 @@ def test_an_oversized_query_string_is_a_json_414(server: Server) -> None:
 
 # --- fuzz ----------------------------------------------------------------------------------------
 
-FUZZ_COUNTS: Counter[str] = Counter()
+FIGURES: Counter[str] = Counter()  # printed by conftest.report_figures
+FIGURES_TITLE = "/predict fuzz cases run"
 CONTENT_TYPES = st.sampled_from(
     [
         "application/json",
@@ -641,17 +642,6 @@ REQUESTS = st.one_of(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def report_fuzz_counts(request: pytest.FixtureRequest) -> Iterator[None]:
-    yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is not None and capture is not None and FUZZ_COUNTS:
-        line = ", ".join(f"{k}={v}" for k, v in sorted(FUZZ_COUNTS.items()))
-        with capture.global_and_fixture_disabled():
-            reporter.write_line(f"\n[reliability] /predict fuzz cases run: {line}")
-
-
 @settings(
     max_examples=250,
     deadline=None,
@@ -666,7 +656,7 @@ def test_fuzzed_requests_to_the_real_server_never_5xx_or_hang(
     body = request_.body if request_.method == "POST" else None
     started = time.monotonic()
     status, kind, data = server.request(request_.method, target, body, headers)
-    FUZZ_COUNTS[f"gunicorn_{request_.method}"] += 1
+    FIGURES[f"gunicorn_{request_.method}"] += 1
     assert time.monotonic() - started < HTTP_TIMEOUT
     assert status < 500, (status, data[:300])
     if status == CLOSED_EARLY:  # refused before it was read: only an oversized request may be
@@ -699,7 +689,7 @@ def test_fuzzed_requests_to_the_test_client_never_5xx(app: Flask, request_: Fuzz
     if request_.method == "POST":
         kwargs.update(data=request_.body, content_type=request_.content_type or None)
     response = client.open("/predict", method=request_.method, **kwargs)
-    FUZZ_COUNTS[f"test_client_{request_.method}"] += 1
+    FIGURES[f"test_client_{request_.method}"] += 1
     assert response.status_code in (200, 400, 413, 415), response.get_data()[:300]
     assert response.mimetype == "application/json"
     document = response.get_json()

@@ -16,7 +16,6 @@ import io
 import math
 import re
 from collections import Counter
-from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 
@@ -42,18 +41,8 @@ from stockvol.schema import (
 from stockvol.storage import read_table
 
 HEADER = ",".join(CSV_COLUMNS)
-FIGURES: Counter[str] = Counter()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def report_figures(request: pytest.FixtureRequest) -> Iterator[None]:
-    yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is not None and capture is not None and FIGURES:
-        line = ", ".join(f"{k}={v}" for k, v in sorted(FIGURES.items()))
-        with capture.global_and_fixture_disabled():
-            reporter.write_line(f"\n[reliability] malformed CSV corpus: {line}")
+FIGURES: Counter[str] = Counter()  # printed by conftest.report_figures
+FIGURES_TITLE = "malformed CSV corpus"
 
 
 def good_rows(start: int, count: int, volume: int = 1000) -> list[str]:

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -58,20 +58,10 @@ FORMATS = ("delta", "parquet")
 RECORDS_PER_FILE = 2  # the killed job writes this many rows per file: a long, many-file write
 NEW_FILES_BEFORE_KILL = 8  # files of the new version that must exist when the kill comes
 JOB_TIMEOUT = 600.0  # seconds; generous because the test machine's cores are shared
-FAULTS: Counter[str] = Counter()
+FIGURES: Counter[str] = Counter()  # printed by conftest.report_figures
+FIGURES_TITLE = "SIGKILL faults injected and survived"
 
 pytestmark = pytest.mark.faults
-
-
-@pytest.fixture(scope="module", autouse=True)
-def report_faults(request: pytest.FixtureRequest) -> Iterator[None]:
-    yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is not None and capture is not None and FAULTS:
-        line = ", ".join(f"{k}={v}" for k, v in sorted(FAULTS.items()))
-        with capture.global_and_fixture_disabled():
-            reporter.write_line(f"\n[reliability] SIGKILL faults injected and survived: {line}")
 
 
 # --- killing a job mid-write ---------------------------------------------------------------------
@@ -120,7 +110,7 @@ def kill_mid_write(
     ]
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
     started = time.monotonic()
-    FAULTS["injected"] += 1
+    FIGURES["injected"] += 1
     with log.open("wb") as out:
         process = subprocess.Popen(
             command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -347,8 +337,8 @@ def test_killing_ingest_mid_write_keeps_the_previous_tables(
     ingest.run(spark, config)  # the rerun
     for got, expected in zip(ingest_tables(spark, config), case.expected, strict=True):
         assert_frame_equal(got, expected)
-    FAULTS[f"ingest_{storage_format}"] += 1
-    FAULTS["survived"] += 1
+    FIGURES[f"ingest_{storage_format}"] += 1
+    FIGURES["survived"] += 1
 
 
 def committed_one_not_the_other(first: Path, second: Path) -> Callable[[], bool]:
@@ -412,8 +402,8 @@ def test_killing_features_mid_write_keeps_the_previous_table(
     assert_table_unchanged(spark, path, storage_format, before, version)
     features.run(spark, replace(config, window=20))  # the rerun
     assert_frame_equal(table_rows(spark, path, storage_format), expected)
-    FAULTS[f"features_{storage_format}"] += 1
-    FAULTS["survived"] += 1
+    FIGURES[f"features_{storage_format}"] += 1
+    FIGURES["survived"] += 1
 
 
 # --- train --------------------------------------------------------------------------------------
@@ -476,5 +466,5 @@ def test_killing_train_mid_export_keeps_the_previous_model(
     assert after.served_predictions == expected.served_predictions
     # Only the new version and the previous one remain: the killed run's debris is gone.
     assert len(list(versions_dir(config.model_dir).iterdir())) == 2
-    FAULTS["train_model"] += 1
-    FAULTS["survived"] += 1
+    FIGURES["train_model"] += 1
+    FIGURES["survived"] += 1
