@@ -107,6 +107,17 @@ def usable_pandas(rows: pd.DataFrame) -> pd.DataFrame:
     return rows[keep]
 
 
+def latest_rows_date(profile: pd.Series, num: int, den: int) -> str:
+    """The time split's first test date, computed independently of train.py: one entry per row,
+    latest first; the row that completes num/den of them (exact integers) names the date; one
+    date is kept on each side."""
+    rows = np.repeat(profile.index.to_numpy(), profile.to_numpy())
+    latest_first = np.sort(rows)[::-1]
+    needed = -(-num * len(rows) // den)  # ceil(num / den * rows) without floats
+    dates = sorted(profile[profile > 0].index)
+    return max(str(latest_first[needed - 1]), dates[1])
+
+
 def numpy_metrics(actual: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
     err = predicted - actual
     mse = float(np.mean(err**2))
@@ -209,7 +220,9 @@ def test_metrics_json_has_every_field_with_sane_values(
     }
     assert metrics["split"]["method"] == "time"
     assert metrics["split"]["seed"] == 42
+    assert first == latest_rows_date(usable.groupby("Date").size(), 1, 5)
     assert metrics["split"]["last_train_date"] == usable.loc[usable["Date"] < first, "Date"].max()
+    assert metrics["split"]["test_row_fraction"] == pytest.approx(test_rows / len(usable))
     for name in ("test", "baseline"):
         m = metrics[name]
         assert 0 <= m["mae"] <= m["rmse"]
@@ -258,23 +271,67 @@ def test_time_split_never_puts_a_test_date_before_a_training_date(
     spark: SparkSession, rows: pd.DataFrame
 ) -> None:
     usable = usable_pandas(rows)
-    dates = sorted(set(usable["Date"]))
-    split = time_split(time_split_date(usable["Date"].tolist(), 0.2), 0.2, seed=1)
+    per_date = usable.groupby("Date").size()
+    split = time_split(time_split_date(per_date.to_dict(), 0.2), 0.2, seed=1)
     df = to_spark(spark, usable)
-    train_dates = {r.Date for r in df.where(split.train_predicate).select("Date").collect()}
-    test_dates = {r.Date for r in df.where(split.test_predicate).select("Date").collect()}
+    train_dates = [r.Date for r in df.where(split.train_predicate).select("Date").collect()]
+    test_dates = [r.Date for r in df.where(split.test_predicate).select("Date").collect()]
     assert max(train_dates) < min(test_dates)
-    assert train_dates | test_dates == set(dates)
-    assert len(test_dates) == round(0.2 * len(dates))  # the latest 20% of the distinct dates
+    assert set(train_dates) | set(test_dates) == set(per_date.index)
+    # The test set holds about 20% of the rows: off by less than its first date's rows.
+    assert 0 <= len(test_dates) - 0.2 * len(usable) < per_date[min(test_dates)]
 
 
-def test_time_split_date_takes_the_latest_fraction_of_distinct_dates() -> None:
-    dates = [f"2020-01-{d:02d}" for d in range(1, 11)] * 3  # 10 distinct dates, repeated
-    assert time_split_date(dates, 0.2) == "2020-01-09"
-    assert time_split_date(dates, 0.01) == "2020-01-10"  # at least one test date
-    assert time_split_date(dates, 0.99) == "2020-01-02"  # at least one training date
+def skewed_profile(days: int, seed: int) -> pd.Series:
+    """Rows per date growing from about 1 to about 500 (some early dates have none), like the
+    real set's history thickening; dates given out of order."""
+    rng = np.random.default_rng(seed)
+    dates = business_days(date(1990, 1, 1), days)
+    counts = rng.poisson(np.geomspace(1, 500, days))
+    return pd.Series(counts, index=dates).sample(frac=1.0, random_state=seed)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize(("num", "den"), [(1, 5), (1, 100), (1, 2), (7, 10), (99, 100)])
+def test_time_split_date_holds_the_latest_fraction_of_rows(seed: int, num: int, den: int) -> None:
+    profile = skewed_profile(300, seed)
+    first = time_split_date(profile.to_dict(), num / den)
+    assert first == latest_rows_date(profile, num, den)
+    test_rows, total = int(profile[profile.index >= first].sum()), int(profile.sum())
+    # Whole dates: at least the fraction, and less than one date's rows more.
+    assert 0 <= test_rows - num / den * total < profile[first]
+    if num == 1 and den == 5:  # the skew: 20% of the rows are far fewer than 20% of the dates
+        assert (profile.index >= first).sum() < 0.05 * len(profile)
+
+
+@pytest.mark.parametrize(
+    ("profile", "fraction", "expected"),
+    [
+        # 10 dates of 10 rows: 20% is exactly the last 2 dates; 25% needs a third.
+        ({f"2020-01-{d:02d}": 10 for d in range(1, 11)}, 0.2, "2020-01-09"),
+        ({f"2020-01-{d:02d}": 10 for d in range(1, 11)}, 0.25, "2020-01-08"),
+        ({f"2020-01-{d:02d}": 10 for d in range(1, 11)}, 0.7, "2020-01-04"),  # not 0.7*100 > 70
+        ({"2020-01-01": 1, "2020-01-02": 1}, 0.2, "2020-01-02"),
+        ({"2020-01-01": 1, "2020-01-02": 1}, 0.99, "2020-01-02"),  # one date must train
+        ({"2020-01-01": 100, "2020-01-02": 1}, 0.5, "2020-01-02"),
+        ({"2020-01-01": 1, "2020-01-02": 1, "2020-01-03": 1}, 0.5, "2020-01-02"),
+        ({"2020-01-01": 0, "2020-01-02": 3, "2020-01-03": 1}, 0.9, "2020-01-03"),  # empty date
+        ({"2020-01-03": 5, "2020-01-01": 5, "2020-01-02": 5}, 0.01, "2020-01-03"),
+    ],
+)
+def test_time_split_date_ties_and_tiny_profiles(
+    profile: dict[str, int], fraction: float, expected: str
+) -> None:
+    assert time_split_date(profile, fraction) == expected
+    num, den = round(fraction * 100), 100
+    assert latest_rows_date(pd.Series(profile), num, den) == expected
+
+
+def test_time_split_date_needs_two_dates_with_rows() -> None:
     with pytest.raises(PipelineError, match="at least 2 distinct dates"):
-        time_split_date(["2020-01-01"] * 5, 0.2)
+        time_split_date({"2020-01-01": 5}, 0.2)
+    with pytest.raises(PipelineError, match="found 1"):
+        time_split_date({"2020-01-01": 5, "2020-01-02": 0}, 0.2)
 
 
 def test_random_split_is_reproducible_with_a_seed_whatever_the_partitioning(
@@ -374,6 +431,9 @@ def test_tuning_picks_the_best_candidate_and_trains_with_it(
     assert metrics["lineage"]["format"] == "parquet"
     assert metrics["lineage"]["delta_version"] is None
     assert metrics["split"]["method"] == "random" and metrics["split"]["first_test_date"] is None
+    assert metrics["split"]["test_row_fraction"] == pytest.approx(
+        metrics["rows"]["test"] / metrics["rows"]["usable"]
+    )
     # The row cap: the forest saw a reproducible sample of about 80 of the training rows.
     sample = metrics["train_sample"]
     assert sample["fraction"] == pytest.approx(80 / metrics["rows"]["train"])

@@ -17,9 +17,10 @@ import platform
 import shutil
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -94,16 +95,28 @@ def usable_rows(features: DataFrame) -> DataFrame:
     return features.where(usable_predicate()).select(*REQUIRED_COLUMNS)
 
 
-def time_split_date(dates: Sequence[str], test_fraction: float) -> str:
-    """First test date: the latest ``test_fraction`` of the distinct dates form the test set."""
-    distinct = sorted(set(dates))
-    if len(distinct) < 2:
+def time_split_date(rows_per_date: Mapping[str, int], test_fraction: float) -> str:
+    """First test date: the latest date d such that the rows dated on or after d are at least
+    ``test_fraction`` of all rows, i.e. the date of the ceil(test_fraction x rows)-th latest row.
+
+    Dates are never cut, so the test share exceeds ``test_fraction`` by less than one date's rows.
+    At least one date stays on each side; dates with no rows do not count.
+    """
+    counts = sorted((day, int(rows)) for day, rows in rows_per_date.items() if rows > 0)
+    if len(counts) < 2:
         raise PipelineError(
-            f"the time split needs at least 2 distinct dates with features, found {len(distinct)}; "
+            f"the time split needs at least 2 distinct dates with features, found {len(counts)}; "
             "ingest more history or use --split random"
         )
-    test_dates = max(1, min(len(distinct) - 1, round(len(distinct) * test_fraction)))
-    return distinct[len(distinct) - test_dates]
+    total = sum(rows for _, rows in counts)
+    # Exact: in floats 0.7 * 10 is 7.000000000000001, which would ask for 8 test rows, not 7.
+    needed = math.ceil(Fraction(str(test_fraction)) * total)
+    held = 0
+    for day, rows in reversed(counts[1:]):  # latest first; the earliest date always trains
+        held += rows
+        if held >= needed:
+            return day
+    return counts[1][0]
 
 
 @dataclass(frozen=True)
@@ -268,7 +281,8 @@ def _choose_split(profile: pd.DataFrame, params: ModelParams) -> tuple[Split, in
             "needs at least a full window of rows; rerun ingest and features on more data"
         )
     if params.split == "time":
-        first = time_split_date(usable[DATE].tolist(), params.test_fraction)
+        rows_per_date = usable.set_index(DATE)["usable"].to_dict()
+        first = time_split_date(rows_per_date, params.test_fraction)
         last_train = usable.loc[usable[DATE] < first, DATE].max()
         split = replace(
             time_split(first, params.test_fraction, params.seed), last_train_date=last_train
@@ -438,6 +452,7 @@ def train(features: DataFrame, params: ModelParams) -> TrainResult:
             "method": split.method,
             "seed": split.seed,
             "test_fraction": split.test_fraction,
+            "test_row_fraction": test_rows / usable_count,
             "first_test_date": split.first_test_date,
             "last_train_date": split.last_train_date,
             "usable_predicate": usable_predicate(),
@@ -598,7 +613,8 @@ def summary_text(metrics: Mapping[str, Any], model_dir: Path) -> str:
             f"model: {params['num_trees']} trees, depth {params['max_depth']}, "
             f"{params['max_bins']} bins, fitted on {rows['train_fitted']:,} of "
             f"{rows['train']:,} training rows in {metrics['durations_seconds']['fit']:.1f} s",
-            f"test ({rows['test']:,} rows, {where}): R² {_fmt(test['r2'])}  "
+            f"test ({rows['test']:,} rows, {split['test_row_fraction']:.1%}, {where}): "
+            f"R² {_fmt(test['r2'])}  "
             f"RMSE {test['rmse']:,.0f}  MAE {test['mae']:,.0f}",
             f"baseline vol_moving_avg:  R² {_fmt(base['r2'])}  "
             f"RMSE {base['rmse']:,.0f}  MAE {base['mae']:,.0f}",
