@@ -13,7 +13,13 @@ from flask import Flask, Response
 from werkzeug.exceptions import HTTPException
 
 from serving.api import STATE_KEY, ModelState, api, error_response
-from serving.forest import DEFAULT_MAX_GRID_CELLS, ModelNotFoundError, load_model
+from serving.forest import (
+    DEFAULT_MAX_GRID_CELLS,
+    ModelError,
+    ModelNotFoundError,
+    ServingModel,
+    load_model,
+)
 
 log = logging.getLogger("serving")
 
@@ -35,9 +41,10 @@ DEFAULTS: dict[str, Any] = {
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app. Settings: DEFAULTS < environment (MODEL_DIR, SERVING_<NAME>) < ``config``.
 
-    The model is read once, here. A missing model directory leaves the app up with ``/health`` and
-    ``/predict`` answering 503 (unless MODEL_REQUIRED); a directory that is not a model this server
-    understands raises ``ModelFormatError``, so a server never starts on a bad model.
+    The model is read once, here (and again only by ``reload_model``). A missing model directory
+    leaves the app up with ``/health`` and ``/predict`` answering 503 (unless MODEL_REQUIRED); a
+    directory that is not a model this server understands raises ``ModelFormatError``, so a server
+    never starts on a bad model.
     """
     app = Flask(__name__)
     app.config.from_mapping(DEFAULTS)
@@ -56,14 +63,18 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
 
 def _load(app: Flask) -> ModelState:
-    model_dir = app.config["MODEL_DIR"]
     try:
-        model = load_model(model_dir, max_grid_cells=int(app.config["MAX_GRID_CELLS"]))
+        model = _read_model(app)
     except ModelNotFoundError as err:
         if app.config["MODEL_REQUIRED"]:
             raise
         log.warning("serving without a model: %s", err)
         return ModelState(None, str(err))
+    return ModelState(model)
+
+
+def _read_model(app: Flask) -> ServingModel:
+    model = load_model(app.config["MODEL_DIR"], max_grid_cells=int(app.config["MAX_GRID_CELLS"]))
     forest = model.info["forest"]
     log.info(
         "model loaded from %s: %d trees, depth %d, %s evaluator",
@@ -72,7 +83,34 @@ def _load(app: Flask) -> ModelState:
         forest["depth"],
         model.evaluator,
     )
-    return ModelState(model)
+    return model
+
+
+def reload_model(app: Flask) -> bool:
+    """Read MODEL_DIR again and serve it; if it is not a valid model, keep the one being served.
+
+    gunicorn's master calls this on SIGHUP (``on_reload`` in serving/gunicorn.conf.py) before it
+    forks the new workers, which inherit whatever model this leaves. Returns whether it swapped.
+    """
+    current: ModelState = app.extensions[STATE_KEY]
+    kept = current.model.info["resolved_dir"] if current.model else "no model"
+    try:
+        model = _read_model(app)
+    except Exception as err:
+        # Any failure, not only ModelFormatError: an exception escaping a gunicorn hook stops
+        # the master, and with it the workers that serve the loaded model. A traceback only
+        # for the unexpected ones: a ModelError's message names the file and the problem.
+        log.error(
+            "model reload from %s failed, still serving %s: %s: %s",
+            app.config["MODEL_DIR"],
+            kept,
+            type(err).__name__,
+            err,
+            exc_info=not isinstance(err, ModelError),
+        )
+        return False
+    app.extensions[STATE_KEY] = ModelState(model)
+    return True
 
 
 def _openapi(app: Flask) -> dict[str, Any]:

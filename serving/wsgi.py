@@ -1,7 +1,8 @@
 """The WSGI entry point for gunicorn: ``gunicorn -c serving/gunicorn.conf.py serving.wsgi:app``.
 
-Each worker imports this module and so loads the model once; ``kill -HUP <master>`` starts new
-workers, which load whatever MODEL_DIR points to then (see docs/serving.md).
+gunicorn's master imports this module (``preload_app``) and so loads the model once; the workers
+are forks of it. ``kill -HUP <master>`` reloads MODEL_DIR in the master (keeping the model it has
+if the directory is not a valid model) and starts new workers with the result (docs/serving.md).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ errors, health with and without a model, /model, the OpenAPI document, and no 5x
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from pyspark.sql import SparkSession
 from test_serving_parity import spark_model_dirs, spark_predictions
 from werkzeug.test import TestResponse
 
-from serving.app import create_app
+from serving.app import create_app, reload_model
 from serving.forest import FEATURES, ModelFormatError, ModelNotFoundError
 
 VMA, MED = FEATURES
@@ -356,12 +357,38 @@ def test_without_a_model_health_and_predictions_are_503(no_model_app: Flask) -> 
 
 
 def test_health_goes_from_503_to_200_once_a_model_is_there(model_dir: Path, tmp_path: Path) -> None:
-    """Loaded once at start-up: a model appearing later is served by the next app (worker)."""
+    """Loaded once at start-up: a model appearing later is served after a reload or restart."""
     target = tmp_path / "model"
     before = create_app({"MODEL_DIR": str(target)})
     shutil.copytree(model_dir, target)
     assert before.test_client().get("/health").status_code == 503
     assert create_app({"MODEL_DIR": str(target)}).test_client().get("/health").status_code == 200
+
+
+def test_a_reload_swaps_a_valid_model_in_and_keeps_the_model_otherwise(
+    model_dirs: dict[int, Path], tmp_path: Path
+) -> None:
+    """What gunicorn's master does on SIGHUP (serving/gunicorn.conf.py)."""
+    link = tmp_path / "model"
+    link.symlink_to(model_dirs[2])
+    app = create_app({"MODEL_DIR": str(link)})
+
+    def served() -> str:
+        return documented(app, app.test_client().get("/health"), "/health", "GET")["resolved_dir"]
+
+    def point_to(target: Path) -> None:
+        staged = tmp_path / "model.new"
+        staged.symlink_to(target)
+        os.replace(staged, link)
+
+    (tmp_path / "empty").mkdir()
+    for broken in (tmp_path / "empty", tmp_path / "absent"):
+        point_to(broken)
+        assert reload_model(app) is False
+        assert served() == str(model_dirs[2].resolve())
+    point_to(model_dirs[8])
+    assert reload_model(app) is True
+    assert served() == str(model_dirs[8].resolve())
 
 
 def test_model_required_refuses_to_start_without_one(tmp_path: Path) -> None:

@@ -125,10 +125,10 @@ def _wait_for_listener(process: subprocess.Popen, log: Path) -> str:
 
 
 def _wait_for_workers(process: subprocess.Popen, log: Path, workers: int) -> None:
-    """Until every worker has loaded the model (or found none), so none reads it after a swap."""
+    """Until every worker has booted. (The master loaded the model before it listened, and the
+    workers are forks of it: none reads the directory, so a swap after this is not seen.)"""
     deadline = time.monotonic() + START_TIMEOUT
-    booted = re.compile(r"serving: (model loaded from|serving without a model)")
-    while len(booted.findall(log.read_text())) < workers:
+    while log.read_text().count("Booting worker") < workers:
         assert process.poll() is None and time.monotonic() < deadline, log.read_text()
         time.sleep(0.2)
 
