@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 from flask import Blueprint, Response, current_app, request
-from werkzeug.exceptions import UnsupportedMediaType
+from werkzeug.exceptions import RequestEntityTooLarge, UnsupportedMediaType
 
 from serving.forest import FEATURES, ServingModel
 
@@ -130,14 +130,35 @@ def predict_batch() -> dict[str, Any]:
 def _json_body() -> Any:
     if not request.is_json:
         raise UnsupportedMediaType("send the instances as JSON (Content-Type: application/json)")
-    # get_data() raises 413 beyond MAX_CONTENT_LENGTH; json.loads is called here rather than through
-    # request.get_json() so that deeply nested input (RecursionError) is a 400 too.
-    body = request.get_data(cache=False)
+    # json.loads is called here rather than through request.get_json() so that deeply nested
+    # input (RecursionError) is a 400 too.
+    body = _body()
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as err:
         message = str(err) if isinstance(err, ValueError) else "nested too deeply"
         raise InvalidInput("body", f"the request body is not valid JSON: {message}") from None
+
+
+def _body() -> bytes:
+    """The request body; 413 when it is longer than MAX_CONTENT_LENGTH."""
+    limit = request.max_content_length
+    unsized = request.content_length is None and request.environ.get("wsgi.input_terminated")
+    if limit is None or not unsized:
+        # werkzeug refuses a Content-Length over the limit before reading anything (and reads
+        # nothing when there is neither a length nor a server that ends the stream).
+        return request.get_data(cache=False)
+    # A chunked body (no Content-Length): werkzeug's stream stops at the limit without an error,
+    # and the cut-off prefix would be parsed. So read the server's stream (gunicorn ends it with
+    # the body) up to one byte past the limit: that byte, if it comes, makes it a 413.
+    stream = request.environ["wsgi.input"]
+    body = bytearray()
+    while len(body) <= limit:
+        chunk = stream.read(min(65536, limit + 1 - len(body)))
+        if not chunk:
+            return bytes(body)
+        body += chunk
+    raise RequestEntityTooLarge(f"the request body is longer than {limit} bytes")
 
 
 def _instances(payload: Any) -> np.ndarray:

@@ -3,6 +3,7 @@ errors, health with and without a model, /model, the OpenAPI document, and no 5x
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -299,6 +300,23 @@ def test_request_body_size_is_limited(model_dir: Path) -> None:
     response = client.post("/predict", json=instances(np.ones((100, 2))))
     expect_error(app, response, 413, None)
     documented(app, response, "/predict", "POST")
+
+
+def test_a_chunked_body_is_limited_too(model_dir: Path) -> None:
+    """No Content-Length: the app counts the bytes; exactly the limit passes, one more is a 413."""
+    app = create_app({"MODEL_DIR": str(model_dir), "MAX_CONTENT_LENGTH": 1000})
+    payload = json.dumps(instances(np.ones((10, 2)))).encode()
+    for size, status in ((1000, 200), (1001, 413)):
+        response = app.test_client().post(
+            "/predict",
+            input_stream=io.BytesIO(payload + b" " * (size - len(payload))),
+            content_type="application/json",
+            # What gunicorn gives the app for a chunked body: no length, a stream it ends.
+            headers={"Transfer-Encoding": "chunked"},
+            environ_overrides={"wsgi.input_terminated": True},
+        )
+        assert response.status_code == status, response.get_data(as_text=True)
+        documented(app, response, "/predict", "POST")
 
 
 # --- errors, health, model, OpenAPI ---------------------------------------------------------------
