@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from importlib import resources
 from typing import Any
 
-from flask import Flask, Response
+from flask import Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
 from serving.api import STATE_KEY, ModelState, api, error_response
@@ -34,6 +34,10 @@ DEFAULTS: dict[str, Any] = {
     "MAX_CONTENT_LENGTH": 2 * 1024 * 1024,
     # Longest accepted text for one number in a query string.
     "MAX_NUMBER_LENGTH": 64,
+    # Longest query string (bytes, as sent) on any route: 414 beyond. A valid one is under 200.
+    # gunicorn.conf.py lets request lines of up to 8190 bytes through so that the app, not
+    # gunicorn, refuses these with the API's JSON error; keep this well under that.
+    "MAX_QUERY_LENGTH": 4096,
     "MAX_GRID_CELLS": DEFAULT_MAX_GRID_CELLS,
 }
 
@@ -56,6 +60,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     app.extensions[STATE_KEY] = _load(app)
     app.extensions["stockvol.openapi"] = _openapi(app)
+    app.before_request(_refuse_long_query)
     app.register_blueprint(api)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
@@ -121,6 +126,14 @@ def _openapi(app: Flask) -> dict[str, Any]:
     for parameter in document["components"]["parameters"].values():
         parameter["schema"]["maxLength"] = int(app.config["MAX_NUMBER_LENGTH"])
     return document
+
+
+def _refuse_long_query() -> Response | None:
+    """414 for a query string over MAX_QUERY_LENGTH, before anything parses it."""
+    length, limit = len(request.query_string), int(current_app.config["MAX_QUERY_LENGTH"])
+    if length > limit:
+        return error_response(414, f"the query string is {length} bytes long, at most {limit}")
+    return None
 
 
 def _http_error(err: HTTPException) -> Response:

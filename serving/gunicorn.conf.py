@@ -21,6 +21,10 @@ worker_class = "sync"
 preload_app = True
 timeout = 30
 graceful_timeout = 20
+# gunicorn's largest bounded request line (its default is 4094; 0 would mean unbounded). Query
+# strings up to it reach the app, which refuses those over MAX_QUERY_LENGTH (4096) with the API's
+# JSON 414; gunicorn answers longer lines itself, with its own HTML 414.
+limit_request_line = 8190
 accesslog = os.environ.get("ACCESS_LOG") or None
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")
