@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,22 @@ def test_parquet_overwrite_leaves_no_stale_copies(spark: SparkSession, tmp_path:
 def test_reading_a_missing_table_names_the_job_to_run(spark: SparkSession, tmp_path: Path) -> None:
     with pytest.raises(TableNotFoundError, match="run the job that writes it"):
         read_table(spark, tmp_path / "nothing", "delta")
+
+
+def test_delta_keeps_statistics_on_the_key_columns_only(
+    spark: SparkSession, tmp_path: Path
+) -> None:
+    """Every version, not only the first, has statistics on Symbol alone (this table has no
+    Date): the replace resets the property, and the files' stats name one physical column."""
+    path = tmp_path / "t"
+    for symbol in ("A", "B"):
+        write_table(spark.createDataFrame([(symbol, 1.0, 1)], SCHEMA), path, "delta")
+    detail = spark.sql(f"DESCRIBE DETAIL delta.`{path}`").first()
+    assert detail["properties"]["delta.dataSkippingStatsColumns"] == "`Symbol`"
+    commit = json_lines(path / "_delta_log" / "00000000000000000001.json")
+    stats = [json.loads(a["add"]["stats"]) for a in commit if "add" in a]
+    assert stats and all(len(s["minValues"]) == 1 and s["numRecords"] == 1 for s in stats)
+
+
+def json_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
