@@ -67,16 +67,21 @@ def test_reading_a_missing_table_names_the_job_to_run(spark: SparkSession, tmp_p
 def test_delta_keeps_statistics_on_the_key_columns_only(
     spark: SparkSession, tmp_path: Path
 ) -> None:
-    """Every version, not only the first, has statistics on Symbol alone (this table has no
-    Date): the replace resets the property, and the files' stats name one physical column."""
+    """A table written before (statistics on every column) gets the property once; each replace
+    then keeps statistics on Symbol alone (this table has no Date)."""
     path = tmp_path / "t"
-    for symbol in ("A", "B"):
-        write_table(spark.createDataFrame([(symbol, 1.0, 1)], SCHEMA), path, "delta")
+    old = spark.createDataFrame([("A", 1.0, 1)], SCHEMA).coalesce(1).write.format("delta")
+    old.option("delta.columnMapping.mode", "name").save(str(path))
+    for symbol in ("B", "C"):
+        write_table(spark.createDataFrame([(symbol, 1.0, 1)], SCHEMA).coalesce(1), path, "delta")
     detail = spark.sql(f"DESCRIBE DETAIL delta.`{path}`").first()
     assert detail["properties"]["delta.dataSkippingStatsColumns"] == "`Symbol`"
-    commit = json_lines(path / "_delta_log" / "00000000000000000001.json")
-    stats = [json.loads(a["add"]["stats"]) for a in commit if "add" in a]
-    assert stats and all(len(s["minValues"]) == 1 and s["numRecords"] == 1 for s in stats)
+    log = sorted((path / "_delta_log").glob("*.json"))
+    assert len(log) == 4  # the old write, the property, two replaces: no commit per replace
+    stats = [json.loads(a["add"]["stats"]) for a in json_lines(log[-1]) if "add" in a]
+    assert len(stats) == 1 and len(stats[0]["minValues"]) == 1, stats
+    first = [json.loads(a["add"]["stats"]) for a in json_lines(log[0]) if "add" in a]
+    assert len(first[0]["minValues"]) == 3  # what the property saves
 
 
 def json_lines(path: Path) -> list[dict]:

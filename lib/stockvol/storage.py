@@ -32,8 +32,8 @@ def _versions_dir(path: Path) -> Path:
 def write_table(df: DataFrame, path: Path, storage_format: str) -> None:
     """Replace the table at ``path`` so that a reader sees the old table or the new one, never half.
 
-    Delta: one CREATE OR REPLACE commit (column mapping on, so names with spaces are allowed;
-    statistics on ``STATS_COLUMNS`` only); the previous version stays in the log. Parquet: the
+    Delta: an overwrite commit (column mapping on, so names with spaces are allowed; statistics
+    on ``STATS_COLUMNS`` only); the previous version stays in the log. Parquet: the
     data goes to a fresh directory and ``path`` is a symlink swapped with one atomic rename, so a
     job killed at any moment leaves the previous table readable.
     """
@@ -43,18 +43,11 @@ def write_table(df: DataFrame, path: Path, storage_format: str) -> None:
     if storage_format == "delta":
         if path.is_symlink():  # the table was Parquet before: switch format
             _remove_parquet_table(path)
-        # CREATE OR REPLACE: one commit that also resets the table properties (an overwrite would
-        # keep those of the first version). Delta collects min/max/null statistics of the first
-        # 32 columns by default; on these tables that doubled the JVM's CPU per written row
-        # (docs/benchmarks.md), and only the keys are ever filtered on.
-        keys = [name for name in STATS_COLUMNS if name in df.columns]
-        identifier = "delta.`{}`".format(str(path.absolute()).replace("`", "``"))
-        writer = df.writeTo(identifier).using("delta")
-        writer = writer.tableProperty("delta.columnMapping.mode", "name")
-        if keys:
-            stats_columns = ",".join(f"`{name}`" for name in keys)
-            writer = writer.tableProperty("delta.dataSkippingStatsColumns", stats_columns)
-        writer.createOrReplace()
+        properties = {"delta.columnMapping.mode": "name", **_stats_property(df)}
+        if table_exists(path, "delta"):
+            _set_properties(df.sparkSession, path, properties)
+        writer = df.write.format("delta").mode("overwrite").option("overwriteSchema", "true")
+        writer.options(**properties).save(str(path))
         return
     if path.exists() and not path.is_symlink():  # the table was Delta before: switch format
         shutil.rmtree(path)
@@ -65,6 +58,28 @@ def write_table(df: DataFrame, path: Path, storage_format: str) -> None:
     os.symlink(new_version.relative_to(path.parent), link)
     os.replace(link, path)
     _remove_stale_versions(versions, keep=new_version)
+
+
+def _stats_property(df: DataFrame) -> dict[str, str]:
+    """Delta keeps min/max/null statistics of the first 32 columns by default; on these tables
+    that doubled the JVM's CPU per written row (docs/benchmarks.md), and only the keys are ever
+    filtered on."""
+    keys = [name for name in STATS_COLUMNS if name in df.columns]
+    if not keys:
+        return {}
+    return {"delta.dataSkippingStatsColumns": ",".join(f"`{name}`" for name in keys)}
+
+
+def _set_properties(spark: SparkSession, path: Path, properties: dict[str, str]) -> None:
+    """Give an existing table these properties (a write's options only set them on creation);
+    a table that has them already gets no extra commit."""
+    from delta.tables import DeltaTable
+
+    current = DeltaTable.forPath(spark, str(path)).detail().first()["properties"]
+    changed = {k: v for k, v in properties.items() if current.get(k) != v}
+    if changed:
+        assignments = ", ".join(f"'{k}' = '{v}'" for k, v in changed.items())
+        spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ({assignments})")
 
 
 def _remove_stale_versions(versions: Path, keep: Path) -> None:
