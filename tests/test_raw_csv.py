@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stockvol.raw_csv import HEADER, PARSED_SCHEMA, parse_file
+from stockvol.raw_csv import HEADER, PARSED_SCHEMA, parse_file, reject_repeated_dates
 
 FIXTURES = Path(__file__).parent / "fixtures" / "kaggle-sample"
 TODAY = date(2026, 11, 26)
@@ -149,3 +149,38 @@ def test_real_files_equal_pandas(name: str) -> None:
         assert kept["Date"].tolist() == complete["Date"].tolist()
         for column in ("Open", "High", "Low", "Close", "Adj Close", "Volume"):
             np.testing.assert_array_equal(kept[f"_{column}"].to_numpy(), complete[column])
+
+
+def test_a_date_an_earlier_file_kept_is_rejected_in_the_later_one() -> None:
+    """Files in precedence order: a good row repeats a date only if an earlier file *kept* it
+    (a date an earlier file rejected is free); rejected rows keep their own reason."""
+    rng = np.random.default_rng(7)
+    dates = [f"2020-01-{day:02d}" for day in range(1, 29)]
+    files = []
+    for index in range(3):
+        chosen = sorted(rng.choice(dates, size=12, replace=False))
+        lines = [f"{d},1,2,0.5,1.5,1.4,{index * 100 + i}" for i, d in enumerate(chosen)]
+        lines[0] = lines[0].replace(",1,2,", ",x,2,")  # a bad number: not kept, date stays free
+        content = b"\n".join([HEADER, *(line.encode() for line in lines)]) + b"\n"
+        folder = ("stocks", "etfs", "other")[index]
+        files.append(parse_file(content, f"{folder}/S.csv", today=TODAY, keep_text=True))
+    marked = reject_repeated_dates(files)
+
+    kept: set[str] = set()  # the oracle: plain Python over the rows in order
+    for before, after in zip(files, marked, strict=True):
+        assert after.column("line").to_pylist() == before.column("line").to_pylist()
+        for old, new, day in zip(
+            before.column("reason").to_pylist(),
+            after.column("reason").to_pylist(),
+            before.column("Date").to_pylist(),
+            strict=True,
+        ):
+            if old is not None:
+                assert new == old
+            elif day in kept:
+                assert new == "duplicate_date"
+            else:
+                assert new is None
+                kept.add(day)
+    assert sum(t.column("reason").null_count for t in marked) == len(kept)
+    assert any("duplicate_date" in t.column("reason").to_pylist() for t in marked)

@@ -1,79 +1,80 @@
 """Ingest: every per-symbol CSV in one Spark scan into the typed ``prices`` table, plus ``rejects``.
 
-One Spark file scan (``binaryFile``) lists every file of ``raw/stocks`` and ``raw/etfs`` and
-spreads them over tasks; a ``mapInArrow`` task reads each of its files and hands the bytes to
-``stockvol.raw_csv``, which parses and classifies the lines with Arrow's C++ CSV reader (Spark's
-CSV reader and casts spent several times the CPU per row here, docs/ingest.md). Spark then
-rejects dates repeated across files (only symbols with a file in both folders need that
-shuffle), writes both tables, and checks that every data line of every file landed in exactly
-one of them.
+One Spark file scan (``binaryFile``, content not selected) lists every file of ``raw/stocks``
+and ``raw/etfs``; the paths (not the data) are grouped by symbol over tasks, so the files of a
+symbol that is in both folders meet in one task. Each ``mapInArrow`` task reads its files,
+classifies every line with ``stockvol.raw_csv`` (Arrow's C++ CSV reader), rejects dates a
+symbol's earlier file already kept, and writes its good rows and its rejects as Parquet files
+with pyarrow into the tables' staging directories. Only one count row per file and reason, and
+one row per staged file, go back to Spark. The driver checks that every line landed in exactly
+one of the two tables and publishes both (docs/ingest.md says why the rows never cross into
+the JVM: that cost several times the parsing).
 """
 
 from __future__ import annotations
 
+import os
 import time
-from collections import Counter
+import uuid
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
-from pyspark import StorageLevel
-from pyspark.sql import DataFrame, SparkSession, Window
+import pyarrow.parquet as pq
+from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.pandas.types import from_arrow_schema
-from pyspark.sql.types import LongType, StringType, StructField, StructType
+from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
 
 from stockvol.cli import PipelineError
 from stockvol.config import Config
 from stockvol.raw_csv import (
     BAD_HEADER,
-    DUPLICATE_DATE,
     LINE,
-    PARSED_SCHEMA,
-    RAW_LINE,
     REASON,
     REASONS,
     SOURCE_FILE,
-    padded_table,
     parse_file,
+    reject_repeated_dates,
     symbol_of,
     typed,
 )
 from stockvol.schema import (
-    CSV_COLUMNS,
     DATE,
     PRICE_COLUMNS,
     PRICES_SCHEMA,
+    REJECTS_SCHEMA,
     SECURITY_NAME,
     SYMBOL,
     VOLUME,
 )
-from stockvol.storage import read_table, write_table
+from stockvol.storage import new_staging_dir, publish_staged, read_table
 from stockvol.summary import StageSummary
 
 FOLDERS = ("stocks", "etfs")  # also the duplicate rule: a date in stocks/ wins over etfs/
 META_FILE = "symbols_valid_meta.csv"
-ROWS = "rows"  # how many lines of its file a row of the accounting pass stands for
-KEPT_SCHEMA = pa.schema(
-    [PARSED_SCHEMA.field(n) for n in (SOURCE_FILE, SYMBOL, LINE, REASON, DATE)]
-    + [PARSED_SCHEMA.field(typed(n)) for n in (*PRICE_COLUMNS, VOLUME)]
-)
-ACCOUNTING_SCHEMA = PARSED_SCHEMA.append(pa.field(ROWS, pa.int64()))
-KEPT_SPARK_SCHEMA = from_arrow_schema(KEPT_SCHEMA)
-ACCOUNTING_SPARK_SCHEMA = from_arrow_schema(ACCOUNTING_SCHEMA)
-REJECTS_SCHEMA = StructType(
+PRICES_ARROW = to_arrow_schema(PRICES_SCHEMA)
+REJECTS_ARROW = to_arrow_schema(REJECTS_SCHEMA)
+# A staged Parquet row group holds whole files, about this many rows: big enough for fast scans,
+# small enough that a task's Python worker holds little before writing.
+ROW_GROUP_ROWS = 1 << 20
+# Tasks per core: enough to even out files of different sizes, few enough to write large files.
+TASKS_PER_CORE = 4
+
+# What a task returns: per file, a row per reason found (``reason`` null for the kept rows) with
+# how many rows; per staged Parquet file, its table (prices or rejects), path and rows.
+TABLE, STAGED_FILE, ROWS = "table", "staged_file", "rows"
+RESULT_ARROW = pa.schema(
     [
-        StructField(SOURCE_FILE, StringType(), nullable=False),
-        StructField(SYMBOL, StringType(), nullable=False),
-        StructField(LINE, LongType(), nullable=False),
-        *(StructField(name, StringType()) for name in CSV_COLUMNS),
-        StructField(RAW_LINE, StringType()),
-        StructField(REASON, StringType(), nullable=False),
+        (SOURCE_FILE, pa.string()),
+        (REASON, pa.string()),
+        (TABLE, pa.string()),
+        (STAGED_FILE, pa.string()),
+        (ROWS, pa.int64()),
     ]
 )
 
@@ -92,11 +93,6 @@ class RawFiles:
 
     csv_files: list[str]  # paths relative to raw/, stocks/ first, each folder sorted
     empty: list[str] = field(default_factory=list)  # 0 bytes: not even a header
-
-    def symbols_in_several_files(self) -> list[str]:
-        """Symbols with a file in both folders: only their dates can repeat across files."""
-        symbols = Counter(symbol_of(f) for f in self.csv_files)
-        return sorted(symbol for symbol, files in symbols.items() if files > 1)
 
 
 def list_raw_files(raw_dir: Path) -> RawFiles:
@@ -122,44 +118,133 @@ def list_raw_files(raw_dir: Path) -> RawFiles:
     return found
 
 
-def kept_rows(table: pa.Table) -> pa.Table:
-    """The prices pass: a file's good rows, in the lean ``KEPT_SCHEMA``."""
-    return table.filter(pc.is_null(table.column(REASON))).select(KEPT_SCHEMA.names)
+def security_names(meta: pd.DataFrame) -> dict[str, str]:
+    """``NASDAQ Symbol`` -> trimmed ``Security Name``, the key the Kaggle file names come from."""
+    names = meta[["NASDAQ Symbol", "Security Name"]].dropna(subset=["NASDAQ Symbol"])
+    names = names.drop_duplicates("NASDAQ Symbol")
+    return dict(zip(names["NASDAQ Symbol"], names["Security Name"].str.strip(), strict=True))
 
 
-def accounting_rows(table: pa.Table, whole: bool) -> pa.Table:
-    """The accounting pass: a file's rejected rows, each counting 1, and one row counting its good
-    rows; ``whole`` files (rows a later step may still reject) give every row."""
-    if whole or not len(table):
-        return table.append_column(ROWS, pa.array(np.ones(len(table), np.int64)))
-    good = pc.is_null(table.column(REASON))
-    rejected = table.filter(pc.invert(good))
-    rejected = rejected.append_column(ROWS, pa.array(np.ones(len(rejected), np.int64)))
-    summary = {
-        SOURCE_FILE: table.column(SOURCE_FILE)[:1],
-        SYMBOL: table.column(SYMBOL)[:1],
-        ROWS: pa.array([pc.sum(good.cast(pa.int64())).as_py()], pa.int64()),
+def price_rows(table: pa.Table, security_name: str | None) -> pa.Table:
+    """A parsed file's good rows in the prices contract: exact columns, names, types, order."""
+    good = table.filter(pc.is_null(table.column(REASON)))
+    n = len(good)
+    columns = {
+        SYMBOL: good.column(SYMBOL),
+        SECURITY_NAME: pa.array([security_name] * n, pa.string()),
+        DATE: good.column(DATE),
+        **{name: good.column(typed(name)) for name in (*PRICE_COLUMNS, VOLUME)},
     }
-    return pa.concat_tables([rejected, padded_table(summary, 1, ACCOUNTING_SCHEMA)])
+    return pa.table([columns[f.name] for f in PRICES_ARROW], schema=PRICES_ARROW)
 
 
-def file_parser(
-    keep_text: frozenset[str], accounting: bool
-) -> Callable[[Iterator[pa.RecordBatch]], Iterator]:
-    """The mapInArrow body: paths of whole files in, their classified lines out, as the prices
-    pass or the accounting pass wants them. ``keep_text`` files keep the raw text of good rows
-    too and give every row to both passes (see ``mark_duplicates``)."""
+def reject_rows(table: pa.Table) -> pa.Table:
+    """A parsed file's rejected rows with their file, line, raw values and reason."""
+    return (
+        table.filter(pc.is_valid(table.column(REASON)))
+        .select(REJECTS_ARROW.names)
+        .cast(REJECTS_ARROW)
+    )
 
-    def parse_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+
+def file_counts(table: pa.Table, source_file: str) -> pa.Table:
+    """One row per reason found in a parsed file (null: kept), with how many rows."""
+    counts = table.group_by(REASON).aggregate([(LINE, "count")])
+    n = len(counts)
+    return pa.table(
+        {
+            SOURCE_FILE: pa.array([source_file] * n, pa.string()),
+            REASON: counts.column(REASON),
+            TABLE: pa.nulls(n, pa.string()),
+            STAGED_FILE: pa.nulls(n, pa.string()),
+            ROWS: counts.column(f"{LINE}_count").cast(pa.int64()),
+        },
+        schema=RESULT_ARROW,
+    )
+
+
+class StagedTable:
+    """One task's rows of one table, written as one Parquet file in ``directory``; each row
+    group holds whole files, so a symbol's rows stay together for the features job."""
+
+    def __init__(self, name: str, directory: str, schema: pa.Schema) -> None:
+        self.name, self.directory, self.schema = name, directory, schema
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.written = 0
+        self.path: str | None = None
+        self.writer: pq.ParquetWriter | None = None
+
+    def add(self, table: pa.Table) -> None:
+        if len(table):
+            self.pending.append(table)
+            self.pending_rows += len(table)
+        if self.pending_rows >= ROW_GROUP_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        if self.writer is None:
+            os.makedirs(self.directory, exist_ok=True)
+            # A fresh name per attempt: a retried task never writes over a file another attempt
+            # reported; the driver publishes only the files that successful tasks returned.
+            self.path = f"{self.directory}/part-{uuid.uuid4().hex}.parquet"
+            self.writer = pq.ParquetWriter(self.path, self.schema)
+        table = pa.concat_tables(self.pending)
+        self.writer.write_table(table, row_group_size=len(table))
+        self.written += len(table)
+        self.pending, self.pending_rows = [], 0
+
+    def close(self) -> pa.Table:
+        """The result row naming the staged file (none if the task had no rows for it)."""
+        self._flush()
+        if self.writer is None:
+            return RESULT_ARROW.empty_table()
+        self.writer.close()
+        return pa.table(
+            {
+                SOURCE_FILE: pa.nulls(1, pa.string()),
+                REASON: pa.nulls(1, pa.string()),
+                TABLE: [self.name],
+                STAGED_FILE: [self.path],
+                ROWS: pa.array([self.written], pa.int64()),
+            },
+            schema=RESULT_ARROW,
+        )
+
+
+@dataclass(frozen=True)
+class IngestTask:
+    """The mapInArrow body: the paths of whole files in (all files of each of its symbols),
+    count rows and staged file names out."""
+
+    prices_dir: str
+    rejects_dir: str
+    names: dict[str, str]
+
+    def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        by_symbol: dict[str, list[tuple[str, str]]] = defaultdict(list)
         for batch in batches:
             for path in batch.column("path").to_pylist():
-                source_file = "/".join(path.rsplit("/", 2)[-2:])  # stocks/X.csv, as on disk
-                whole = source_file in keep_text
-                table = parse_file(read_bytes(path), source_file, keep_text=whole)
-                out = accounting_rows(table, whole) if accounting else kept_rows(table)
-                yield from out.to_batches()
-
-    return parse_batches
+                source_file = "/".join(path.rsplit("/", 2)[-2:])  # stocks/X.csv
+                by_symbol[symbol_of(source_file)].append((source_file, path))
+        prices = StagedTable("prices", self.prices_dir, PRICES_ARROW)
+        rejects = StagedTable("rejects", self.rejects_dir, REJECTS_ARROW)
+        for symbol, files in sorted(by_symbol.items()):
+            files.sort(key=lambda file: (FOLDERS.index(file[0].split("/")[0]), file[0]))
+            # A symbol in several files: a later file may repeat a date, and that row's reject
+            # must keep the text the file had.
+            several = len(files) > 1
+            tables = [parse_file(read_bytes(path), name, keep_text=several) for name, path in files]
+            if several:
+                tables = reject_repeated_dates(tables)
+            for (source_file, _), table in zip(files, tables, strict=True):
+                prices.add(price_rows(table, self.names.get(symbol)))
+                rejects.add(reject_rows(table))
+                yield from file_counts(table, source_file).to_batches()
+        for staged in (prices, rejects):
+            yield from staged.close().to_batches()
 
 
 def read_bytes(path: str) -> bytes:
@@ -171,71 +256,34 @@ def read_bytes(path: str) -> bytes:
         return stream.read()
 
 
-def read_raw(
-    spark: SparkSession,
-    raw_dir: Path,
-    accounting: bool,
-    keep_text: frozenset[str] = frozenset(),
-) -> DataFrame:
-    """Every CSV of raw/stocks and raw/etfs, listed and spread over tasks by one Spark file scan
-    (binaryFile, content not selected, so the JVM does not read it); each task reads its files
-    with pyarrow and parses them, which is far cheaper than shipping their bytes to Python.
-    The prices pass gives the good rows; the accounting pass the rejected rows and counts."""
+def ingest_files(
+    spark: SparkSession, raw_dir: Path, task: Callable[[Iterator], Iterator]
+) -> pd.DataFrame:
+    """Every CSV of raw/stocks and raw/etfs, listed by one Spark file scan and handed out to
+    tasks by file name (the same name in both folders is the same symbol); the tasks' result
+    rows, collected (one action: the tasks write files, they must run once)."""
     paths = [str(raw_dir / folder) for folder in FOLDERS if (raw_dir / folder).is_dir()]
     files = spark.read.format("binaryFile").option("pathGlobFilter", "*.csv").load(paths)
-    schema = ACCOUNTING_SPARK_SCHEMA if accounting else KEPT_SPARK_SCHEMA
-    return files.select("path").mapInArrow(file_parser(keep_text, accounting), schema)
+    tasks = TASKS_PER_CORE * spark.sparkContext.defaultParallelism
+    by_name = files.select("path").repartition(tasks, F.regexp_extract("path", r"[^/]*$", 0))
+    result = by_name.mapInArrow(task, from_arrow_schema(RESULT_ARROW))
+    return result.toPandas()
 
 
-def mark_duplicates(rows: DataFrame, symbols: list[str]) -> DataFrame:
-    """Reject all but one good row per (Symbol, Date) of ``symbols`` (those in several files):
-    stocks/ before etfs/, then file name, then line. Repeats within one file are already marked
-    by the parser; only these symbols' rows are shuffled."""
-    if not symbols:
-        return rows
-    several = F.col(SYMBOL).isin(symbols)
-    folder_rank = F.when(F.col(SOURCE_FILE).startswith("stocks/"), 0).otherwise(1)
-    rank = F.row_number().over(
-        Window.partitionBy(SYMBOL, DATE).orderBy(folder_rank, F.col(SOURCE_FILE), F.col(LINE))
-    )
-    good = rows.filter(several & F.col(REASON).isNull())
-    marked = good.withColumn(REASON, F.when(rank > 1, F.lit(DUPLICATE_DATE)))
-    return rows.filter(~several | F.col(REASON).isNotNull()).unionByName(marked)
+def count_table(result: pd.DataFrame) -> pd.DataFrame:
+    """Per file: lines read, kept, and rejected by reason."""
+    counts = result[result[SOURCE_FILE].notna()]
+    reasons = counts[REASON].fillna("kept")
+    table = counts.pivot_table(index=SOURCE_FILE, columns=reasons, values=ROWS, aggfunc="sum")
+    table = table.reindex(columns=["kept", *REASONS], fill_value=0).fillna(0).astype("int64")
+    table.insert(0, "read", table.sum(axis=1))
+    return table.sort_index()
 
 
-def security_names(meta: pd.DataFrame) -> pd.DataFrame:
-    """``NASDAQ Symbol`` -> trimmed ``Security Name``, the key the Kaggle file names come from."""
-    names = meta[["NASDAQ Symbol", "Security Name"]].dropna(subset=["NASDAQ Symbol"])
-    names = names.assign(**{"Security Name": names["Security Name"].str.strip()})
-    return names.drop_duplicates("NASDAQ Symbol").rename(columns={"NASDAQ Symbol": SYMBOL})
-
-
-def to_prices(rows: DataFrame, names: DataFrame) -> DataFrame:
-    """The kept rows in the prices contract: exact columns, names, types and order."""
-    kept = rows.filter(F.col(REASON).isNull()).select(
-        SYMBOL, DATE, *(F.col(typed(name)).alias(name) for name in (*PRICE_COLUMNS, VOLUME))
-    )
-    joined = kept.join(F.broadcast(names), on=SYMBOL, how="left")
-    return joined.select(
-        *(F.col(f.name).cast(f.dataType).alias(f.name) for f in PRICES_SCHEMA.fields)
-    )
-
-
-def to_rejects(rows: DataFrame) -> DataFrame:
-    """The rejected rows with their source file, line number, raw values and reason."""
-    return rows.filter(F.col(REASON).isNotNull()).select(*REJECTS_SCHEMA.names)
-
-
-def file_counts(accounting: DataFrame) -> pd.DataFrame:
-    """Per file: lines read, kept, and rejected by reason (one aggregation of the accounting
-    pass, whose rows each stand for ``rows`` lines)."""
-    lines = F.col(ROWS)
-    counts = accounting.groupBy(SOURCE_FILE).agg(
-        F.sum(lines).alias("read"),
-        F.sum(F.when(F.col(REASON).isNull(), lines).otherwise(0)).alias("kept"),
-        *(F.sum(F.when(F.col(REASON) == r, lines).otherwise(0)).alias(r) for r in REASONS),
-    )
-    return counts.toPandas().set_index(SOURCE_FILE).sort_index()
+def staged_files(result: pd.DataFrame, table: str) -> tuple[list[str], int]:
+    """The files a table's tasks staged, and their rows."""
+    staged = result[result[TABLE] == table]
+    return sorted(staged[STAGED_FILE]), int(staged[ROWS].sum())
 
 
 def run(spark: SparkSession, config: Config) -> StageSummary:
@@ -244,36 +292,32 @@ def run(spark: SparkSession, config: Config) -> StageSummary:
     raw_dir = config.raw_dir
     found = list_raw_files(raw_dir)
     meta = pd.read_csv(raw_dir / META_FILE, dtype=str, keep_default_na=False)
-    name_rows = security_names(meta)
-    names = spark.createDataFrame(
-        name_rows,
-        StructType([StructField(SYMBOL, StringType()), StructField(SECURITY_NAME, StringType())]),
-    )
-    several = found.symbols_in_several_files()
-    keep_text = frozenset(f for f in found.csv_files if symbol_of(f) in several)
-    # Two passes over the files, both classifying every line with the same code. The prices pass
-    # streams the good rows into the table; the accounting pass keeps only the rejected rows and
-    # one count per file, small enough to persist. Parsing twice costs less than caching 28
-    # million rows in the JVM (docs/ingest.md), and the passes check each other below.
-    kept = mark_duplicates(read_raw(spark, raw_dir, False, keep_text), several)
-    write_table(to_prices(kept, names), config.prices_path, config.storage_format)
-    accounting = mark_duplicates(read_raw(spark, raw_dir, True, keep_text), several)
-    accounting = accounting.persist(StorageLevel.MEMORY_AND_DISK)
-    try:
-        counts = file_counts(accounting)
-        write_table(to_rejects(accounting), config.rejects_path, config.storage_format)
-    finally:
-        accounting.unpersist()
+    names = security_names(meta)
+    prices_dir = new_staging_dir(config.prices_path)
+    rejects_dir = new_staging_dir(config.rejects_path)
+    result = ingest_files(spark, raw_dir, IngestTask(str(prices_dir), str(rejects_dir), names))
+    counts = count_table(result)
     _check_conservation(counts)
-    for path, expected in ((config.prices_path, "kept"), (config.rejects_path, None)):
+    targets = (
+        (config.prices_path, prices_dir, "prices", PRICES_SCHEMA, int(counts["kept"].sum())),
+        (
+            config.rejects_path,
+            rejects_dir,
+            "rejects",
+            REJECTS_SCHEMA,
+            int(counts[list(REASONS)].sum().sum()),
+        ),
+    )
+    for path, staging, table, schema, want in targets:
+        files, rows = staged_files(result, table)
+        if rows != want:
+            raise ConservationError(f"{table}: {rows} rows staged, {want} counted")
+        publish_staged(spark, staging, files, schema, path, config.storage_format)
         written = read_table(spark, path, config.storage_format).count()
-        want = int(counts[expected].sum()) if expected else int(counts[list(REASONS)].sum().sum())
         if written != want:
             raise ConservationError(f"{path}: {written} rows written, {want} expected")
-    files_with_rows = set(counts.index)
-    header_only = [f for f in found.csv_files if f not in files_with_rows and f not in found.empty]
+    header_only = [f for f in found.csv_files if f not in counts.index and f not in found.empty]
     symbols = {symbol_of(f) for f in found.csv_files}
-    no_meta = sorted(symbols - set(name_rows[SYMBOL]))
     rejected = {r: int(counts[r].sum()) for r in REASONS if counts[r].sum()}
     return StageSummary(
         stage="ingest",
@@ -287,7 +331,7 @@ def run(spark: SparkSession, config: Config) -> StageSummary:
             "header_only_files": header_only,
             "empty_files": found.empty,
             "bad_header_files": sorted(counts.index[counts[BAD_HEADER] > 0]),
-            "symbols_without_metadata": no_meta,
+            "symbols_without_metadata": sorted(symbols - set(names)),
             "format": config.storage_format,
         },
     )

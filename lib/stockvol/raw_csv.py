@@ -21,7 +21,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from stockvol.schema import CSV_COLUMNS, DATE, PRICE_COLUMNS, SYMBOL, VOLUME
+from stockvol.schema import (
+    CSV_COLUMNS,
+    DATE,
+    LINE,
+    PRICE_COLUMNS,
+    RAW_LINE,
+    REASON,
+    SOURCE_FILE,
+    SYMBOL,
+    VOLUME,
+)
 
 HEADER = ",".join(CSV_COLUMNS).encode()
 BOM = b"\xef\xbb\xbf"
@@ -45,8 +55,6 @@ REASONS = (
     NEGATIVE_VOLUME,
     DUPLICATE_DATE,
 )
-
-SOURCE_FILE, LINE, REASON, RAW_LINE = "source_file", "line", "reason", "raw_line"
 
 
 def typed(name: str) -> str:
@@ -340,3 +348,23 @@ def _to_int64(text: pa.Array) -> pa.Array:
         )
         ok = pa.array(whole & fits)
         return _where(ok, pc.cast(pc.if_else(ok, digits, "0"), pa.int64()))
+
+
+def reject_repeated_dates(tables: list[pa.Table]) -> list[pa.Table]:
+    """The parsed files of one Symbol, in precedence order (stocks/ before etfs/, then by name):
+    a good row whose Date an earlier file already kept becomes a ``duplicate_date`` reject.
+    Parse such files with ``keep_text`` so the reject keeps what the file said."""
+    kept_dates: pa.Array = pa.array([], pa.string())
+    marked = []
+    for table in tables:
+        good = pc.is_null(table.column(REASON))
+        repeated = pc.and_(good, pc.is_in(table.column(DATE), value_set=kept_dates))
+        if _is_true(repeated).any():
+            reason = pc.if_else(repeated, DUPLICATE_DATE, table.column(REASON))
+            table = table.set_column(table.schema.get_field_index(REASON), REASON, reason)
+            good = pc.and_(good, pc.invert(repeated))
+        kept_dates = pa.concat_arrays(
+            [kept_dates, table.column(DATE).filter(good).combine_chunks()]
+        )
+        marked.append(table)
+    return marked

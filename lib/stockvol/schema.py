@@ -47,3 +47,18 @@ PRICES_SCHEMA = StructType(
 FEATURES_SCHEMA = StructType(
     [*PRICES_SCHEMA.fields, *(StructField(name, DoubleType()) for name in FEATURE_COLUMNS)]
 )
+
+SOURCE_FILE, LINE, REASON, RAW_LINE = "source_file", "line", "reason", "raw_line"
+
+# Rejected lines: where they came from, what they said (raw text, null where the line had no such
+# field) and why they were rejected (stockvol.raw_csv.REASONS).
+REJECTS_SCHEMA = StructType(
+    [
+        StructField(SOURCE_FILE, StringType(), nullable=False),
+        StructField(SYMBOL, StringType(), nullable=False),
+        StructField(LINE, LongType(), nullable=False),
+        *(StructField(name, StringType()) for name in CSV_COLUMNS),
+        StructField(RAW_LINE, StringType()),
+        StructField(REASON, StringType(), nullable=False),
+    ]
+)

@@ -7,7 +7,10 @@ import shutil
 import uuid
 from pathlib import Path
 
+import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql.pandas.types import to_arrow_schema
+from pyspark.sql.types import StructType
 
 from stockvol.config import STORAGE_FORMATS
 from stockvol.schema import DATE, SYMBOL
@@ -41,23 +44,66 @@ def write_table(df: DataFrame, path: Path, storage_format: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if storage_format == "delta":
-        if path.is_symlink():  # the table was Parquet before: switch format
-            _remove_parquet_table(path)
+        if path.is_symlink():  # the table was Parquet: its versions go once Delta has committed
+            path.unlink()
         properties = {"delta.columnMapping.mode": "name", **_stats_property(df)}
         if table_exists(path, "delta"):
             _set_properties(df.sparkSession, path, properties)
         writer = df.write.format("delta").mode("overwrite").option("overwriteSchema", "true")
         writer.options(**properties).save(str(path))
+        shutil.rmtree(_versions_dir(path), ignore_errors=True)  # Parquet versions, staged files
         return
+    new_version = new_staging_dir(path)
+    df.write.parquet(str(new_version))
+    _swap_in(new_version, path)
+
+
+def new_staging_dir(path: Path) -> Path:
+    """A fresh directory name (not created) for a new version of the table at ``path``: it
+    becomes the table itself for Parquet; for Delta it holds files staged for the next write."""
+    return _versions_dir(Path(path)) / uuid.uuid4().hex
+
+
+def publish_staged(
+    spark: SparkSession,
+    staging: Path,
+    files: list[str],
+    schema: StructType,
+    path: Path,
+    storage_format: str,
+) -> None:
+    """Make the Parquet ``files`` a job wrote into ``staging`` (from ``new_staging_dir``) the
+    table at ``path``, as atomically as ``write_table``. Other files there (left by failed task
+    attempts) are dropped. Parquet: the directory becomes the table, nothing is copied. Delta:
+    Spark copies the rows into the table in one commit; the staged files are then removed."""
+    _check_format(storage_format)
+    path = Path(path)
+    staging.mkdir(parents=True, exist_ok=True)
+    listed = {Path(f).name for f in files}
+    for entry in staging.iterdir():
+        if entry.name not in listed:
+            entry.unlink()
+    if storage_format == "delta":
+        rows = (
+            spark.read.schema(schema).parquet(*files)
+            if files
+            else spark.createDataFrame([], schema)
+        )
+        write_table(rows, path, "delta")
+        return
+    if not files:  # an empty table still has its schema
+        pq.write_table(to_arrow_schema(schema).empty_table(), staging / "part-empty.parquet")
+    _swap_in(staging, path)
+
+
+def _swap_in(version: Path, path: Path) -> None:
+    """Point the symlink ``path`` at ``version`` with one atomic rename; drop older versions."""
     if path.exists() and not path.is_symlink():  # the table was Delta before: switch format
         shutil.rmtree(path)
-    versions = _versions_dir(path)
-    new_version = versions / uuid.uuid4().hex
-    df.write.parquet(str(new_version))
     link = path.parent / f".{path.name}.link-{uuid.uuid4().hex}"
-    os.symlink(new_version.relative_to(path.parent), link)
+    os.symlink(version.relative_to(path.parent), link)
     os.replace(link, path)
-    _remove_stale_versions(versions, keep=new_version)
+    _remove_stale_versions(_versions_dir(path), keep=version)
 
 
 def _stats_property(df: DataFrame) -> dict[str, str]:
@@ -87,11 +133,6 @@ def _remove_stale_versions(versions: Path, keep: Path) -> None:
     for entry in versions.iterdir():
         if entry != keep:
             shutil.rmtree(entry, ignore_errors=True)
-
-
-def _remove_parquet_table(path: Path) -> None:
-    path.unlink()
-    shutil.rmtree(_versions_dir(path), ignore_errors=True)
 
 
 def table_exists(path: Path, storage_format: str) -> bool:
