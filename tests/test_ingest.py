@@ -7,11 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import SparkSession
 
 from stockvol.config import Config, apply_overrides
-from stockvol.ingest import IngestInputError, run
+from stockvol.ingest import IngestInputError, StagedTable, run
 from stockvol.schema import CSV_COLUMNS, PRICES_SCHEMA
 from stockvol.storage import read_table
 
@@ -187,3 +189,20 @@ def test_summary_reports_odd_files(ingested: dict) -> None:
 def test_a_missing_raw_folder_is_a_clear_error(spark: SparkSession, tmp_path: Path) -> None:
     with pytest.raises(IngestInputError, match="jobs/download.py"):
         run(spark, Config(data_dir=tmp_path))
+
+
+@pytest.mark.parametrize(("max_rows", "sizes"), [(0, [14]), (2, [2] * 7), (5, [5, 5, 4])])
+def test_staged_files_hold_every_row_once_within_the_file_limit(
+    tmp_path: Path, max_rows: int, sizes: list[int]
+) -> None:
+    schema = pa.schema([("x", pa.int64())])
+    staged = StagedTable("t", str(tmp_path / "t"), schema, max_rows)
+    for n in (3, 4, 0, 7):
+        staged.add(pa.table({"x": pa.array(range(n), pa.int64())}, schema=schema))
+    result = staged.close()
+    files = result.column("staged_file").to_pylist()
+    assert result.column("rows").to_pylist() == sizes
+    assert [pq.read_metadata(f).num_rows for f in files] == sizes
+    values = pa.concat_tables(pq.read_table(f) for f in files).column("x").to_pylist()
+    assert values == [*range(3), *range(4), *range(7)]  # in order, none lost or repeated
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == sorted(Path(f).name for f in files)

@@ -164,51 +164,69 @@ def file_counts(table: pa.Table, source_file: str) -> pa.Table:
 
 
 class StagedTable:
-    """One task's rows of one table, written as one Parquet file in ``directory``; each row
-    group holds whole files, so a symbol's rows stay together for the features job."""
+    """One task's rows of one table, written as Parquet files in ``directory`` with pyarrow.
 
-    def __init__(self, name: str, directory: str, schema: pa.Schema) -> None:
+    Each row group holds whole files, so a symbol's rows stay together for the features job. A
+    file holds at most ``max_rows_per_file`` rows when that is set (Spark's
+    ``spark.sql.files.maxRecordsPerFile``, honoured as Spark's own writers do), else one file.
+    """
+
+    def __init__(
+        self, name: str, directory: str, schema: pa.Schema, max_rows_per_file: int
+    ) -> None:
         self.name, self.directory, self.schema = name, directory, schema
+        self.max_rows = max_rows_per_file
+        self.flush_rows = min(ROW_GROUP_ROWS, self.max_rows) if self.max_rows else ROW_GROUP_ROWS
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
-        self.written = 0
-        self.path: str | None = None
+        self.files: list[tuple[str, int]] = []  # (path, rows) of every file written, in order
         self.writer: pq.ParquetWriter | None = None
 
     def add(self, table: pa.Table) -> None:
         if len(table):
             self.pending.append(table)
             self.pending_rows += len(table)
-        if self.pending_rows >= ROW_GROUP_ROWS:
+        if self.pending_rows >= self.flush_rows:
             self._flush()
 
     def _flush(self) -> None:
-        if not self.pending:
-            return
-        if self.writer is None:
-            os.makedirs(self.directory, exist_ok=True)
-            # A fresh name per attempt: a retried task never writes over a file another attempt
-            # reported; the driver publishes only the files that successful tasks returned.
-            self.path = f"{self.directory}/part-{uuid.uuid4().hex}.parquet"
-            self.writer = pq.ParquetWriter(self.path, self.schema)
-        table = pa.concat_tables(self.pending)
-        self.writer.write_table(table, row_group_size=len(table))
-        self.written += len(table)
+        table = pa.concat_tables(self.pending) if self.pending else None
         self.pending, self.pending_rows = [], 0
+        offset = 0
+        while table is not None and offset < len(table):
+            if self.writer is None or (self.max_rows and self.files[-1][1] >= self.max_rows):
+                self._next_file()
+            room = len(table) - offset
+            if self.max_rows:
+                room = min(room, self.max_rows - self.files[-1][1])
+            self.writer.write_table(table.slice(offset, room), row_group_size=room)
+            path, rows = self.files[-1]
+            self.files[-1] = (path, rows + room)
+            offset += room
+
+    def _next_file(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        os.makedirs(self.directory, exist_ok=True)
+        # A fresh name per attempt: a retried task never writes over a file another attempt
+        # reported; the driver publishes only the files that successful tasks returned.
+        path = f"{self.directory}/part-{uuid.uuid4().hex}.parquet"
+        self.writer = pq.ParquetWriter(path, self.schema)
+        self.files.append((path, 0))
 
     def close(self) -> pa.Table:
-        """The result row naming the staged file (none if the task had no rows for it)."""
+        """One result row per staged file (none if the task had no rows for this table)."""
         self._flush()
-        if self.writer is None:
-            return RESULT_ARROW.empty_table()
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
+        n = len(self.files)
         return pa.table(
             {
-                SOURCE_FILE: pa.nulls(1, pa.string()),
-                REASON: pa.nulls(1, pa.string()),
-                TABLE: [self.name],
-                STAGED_FILE: [self.path],
-                ROWS: pa.array([self.written], pa.int64()),
+                SOURCE_FILE: pa.nulls(n, pa.string()),
+                REASON: pa.nulls(n, pa.string()),
+                TABLE: pa.array([self.name] * n, pa.string()),
+                STAGED_FILE: pa.array([path for path, _ in self.files], pa.string()),
+                ROWS: pa.array([rows for _, rows in self.files], pa.int64()),
             },
             schema=RESULT_ARROW,
         )
@@ -222,6 +240,7 @@ class IngestTask:
     prices_dir: str
     rejects_dir: str
     names: dict[str, str]
+    max_rows_per_file: int = 0  # 0: no limit
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         by_symbol: dict[str, list[tuple[str, str]]] = defaultdict(list)
@@ -229,8 +248,8 @@ class IngestTask:
             for path in batch.column("path").to_pylist():
                 source_file = "/".join(path.rsplit("/", 2)[-2:])  # stocks/X.csv
                 by_symbol[symbol_of(source_file)].append((source_file, path))
-        prices = StagedTable("prices", self.prices_dir, PRICES_ARROW)
-        rejects = StagedTable("rejects", self.rejects_dir, REJECTS_ARROW)
+        prices = StagedTable("prices", self.prices_dir, PRICES_ARROW, self.max_rows_per_file)
+        rejects = StagedTable("rejects", self.rejects_dir, REJECTS_ARROW, self.max_rows_per_file)
         for symbol, files in sorted(by_symbol.items()):
             files.sort(key=lambda file: (FOLDERS.index(file[0].split("/")[0]), file[0]))
             # A symbol in several files: a later file may repeat a date, and that row's reject
@@ -295,7 +314,9 @@ def run(spark: SparkSession, config: Config) -> StageSummary:
     names = security_names(meta)
     prices_dir = new_staging_dir(config.prices_path)
     rejects_dir = new_staging_dir(config.rejects_path)
-    result = ingest_files(spark, raw_dir, IngestTask(str(prices_dir), str(rejects_dir), names))
+    max_rows = int(spark.conf.get("spark.sql.files.maxRecordsPerFile", "0"))
+    task = IngestTask(str(prices_dir), str(rejects_dir), names, max_rows)
+    result = ingest_files(spark, raw_dir, task)
     counts = count_table(result)
     _check_conservation(counts)
     targets = (
