@@ -206,3 +206,19 @@ def test_staged_files_hold_every_row_once_within_the_file_limit(
     values = pa.concat_tables(pq.read_table(f) for f in files).column("x").to_pylist()
     assert values == [*range(3), *range(4), *range(7)]  # in order, none lost or repeated
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == sorted(Path(f).name for f in files)
+
+
+@pytest.mark.parametrize("storage_format", ["delta", "parquet"])
+def test_files_without_data_give_empty_tables_with_the_contract_schema(
+    spark: SparkSession, tmp_path: Path, storage_format: str
+) -> None:
+    config = apply_overrides(Config(data_dir=tmp_path), storage_format=storage_format)
+    (config.raw_dir / "stocks").mkdir(parents=True)
+    shutil.copy(FIXTURES / "kaggle-sample" / "symbols_valid_meta.csv", config.raw_dir)
+    (config.raw_dir / "stocks" / "HDRONLY.csv").write_text(f"{HEADER}\n")
+    summary = run(spark, config)
+    assert (summary.rows_in, summary.rows_out, summary.rows_rejected) == (0, 0, 0)
+    prices = read_table(spark, config.prices_path, storage_format)
+    assert prices.count() == 0
+    assert [f.name for f in prices.schema.fields] == PRICES_SCHEMA.names
+    assert read_table(spark, config.rejects_path, storage_format).count() == 0
