@@ -38,6 +38,7 @@ from stockvol.raw_csv import (
     REASON,
     REASONS,
     SOURCE_FILE,
+    padded_table,
     parse_file,
     reject_repeated_dates,
     symbol_of,
@@ -151,16 +152,12 @@ def file_counts(table: pa.Table, source_file: str) -> pa.Table:
     """One row per reason found in a parsed file (null: kept), with how many rows."""
     counts = table.group_by(REASON).aggregate([(LINE, "count")])
     n = len(counts)
-    return pa.table(
-        {
-            SOURCE_FILE: pa.array([source_file] * n, pa.string()),
-            REASON: counts.column(REASON),
-            TABLE: pa.nulls(n, pa.string()),
-            STAGED_FILE: pa.nulls(n, pa.string()),
-            ROWS: counts.column(f"{LINE}_count").cast(pa.int64()),
-        },
-        schema=RESULT_ARROW,
-    )
+    columns = {
+        SOURCE_FILE: pa.array([source_file] * n, pa.string()),
+        REASON: counts.column(REASON),
+        ROWS: counts.column(f"{LINE}_count").cast(pa.int64()),
+    }
+    return padded_table(columns, n, RESULT_ARROW)
 
 
 class StagedTable:
@@ -220,16 +217,12 @@ class StagedTable:
         if self.writer is not None:
             self.writer.close()
         n = len(self.files)
-        return pa.table(
-            {
-                SOURCE_FILE: pa.nulls(n, pa.string()),
-                REASON: pa.nulls(n, pa.string()),
-                TABLE: pa.array([self.name] * n, pa.string()),
-                STAGED_FILE: pa.array([path for path, _ in self.files], pa.string()),
-                ROWS: pa.array([rows for _, rows in self.files], pa.int64()),
-            },
-            schema=RESULT_ARROW,
-        )
+        columns = {
+            TABLE: pa.array([self.name] * n, pa.string()),
+            STAGED_FILE: pa.array([path for path, _ in self.files], pa.string()),
+            ROWS: pa.array([rows for _, rows in self.files], pa.int64()),
+        }
+        return padded_table(columns, n, RESULT_ARROW)
 
 
 @dataclass(frozen=True)
@@ -319,17 +312,13 @@ def run(spark: SparkSession, config: Config) -> StageSummary:
     result = ingest_files(spark, raw_dir, task)
     counts = count_table(result)
     _check_conservation(counts)
+    kept = int(counts["kept"].sum())
+    rejected = {r: int(counts[r].sum()) for r in REASONS if counts[r].sum()}
     targets = (
-        (config.prices_path, prices_dir, "prices", PRICES_SCHEMA, int(counts["kept"].sum())),
-        (
-            config.rejects_path,
-            rejects_dir,
-            "rejects",
-            REJECTS_SCHEMA,
-            int(counts[list(REASONS)].sum().sum()),
-        ),
+        ("prices", prices_dir, config.prices_path, PRICES_SCHEMA, kept),
+        ("rejects", rejects_dir, config.rejects_path, REJECTS_SCHEMA, sum(rejected.values())),
     )
-    for path, staging, table, schema, want in targets:
+    for table, staging, path, schema, want in targets:
         files, rows = staged_files(result, table)
         if rows != want:
             raise ConservationError(f"{table}: {rows} rows staged, {want} counted")
@@ -339,11 +328,10 @@ def run(spark: SparkSession, config: Config) -> StageSummary:
             raise ConservationError(f"{path}: {written} rows written, {want} expected")
     header_only = [f for f in found.csv_files if f not in counts.index and f not in found.empty]
     symbols = {symbol_of(f) for f in found.csv_files}
-    rejected = {r: int(counts[r].sum()) for r in REASONS if counts[r].sum()}
     return StageSummary(
         stage="ingest",
         rows_in=int(counts["read"].sum()),
-        rows_out=int(counts["kept"].sum()),
+        rows_out=kept,
         rows_rejected=sum(rejected.values()),
         seconds=time.perf_counter() - started,
         details={
