@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
@@ -88,7 +88,35 @@ def tree_memory(root: psutil.Process) -> dict[str, int]:
     return sum_tree(seen)
 
 
-class PeakMemory:
+SamplerT = TypeVar("SamplerT", bound="Sampler")
+
+
+class Sampler:
+    """Calls ``sample()`` every ``interval`` seconds in a daemon thread while used as a context."""
+
+    def __init__(self, interval: float, name: str) -> None:
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self: SamplerT) -> SamplerT:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class PeakMemory(Sampler):
     """Sample a process tree's resident memory in a thread; ``peak`` is the largest sum seen.
 
     RSS summed over processes counts pages that forked Python workers share with their parent
@@ -97,14 +125,12 @@ class PeakMemory:
     """
 
     def __init__(self, pid: int, interval: float = 0.25) -> None:
+        super().__init__(interval, "peak-memory")
         self.root = psutil.Process(pid)
-        self.interval = interval
         self.peak = 0
         self.peak_split: dict[str, int] = {}
         self.max_processes = 0
         self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="peak-memory", daemon=True)
 
     def sample(self) -> None:
         """Take one sample now (also called by the thread)."""
@@ -114,19 +140,6 @@ class PeakMemory:
         if totals["total"] > self.peak:
             self.peak = totals["total"]
             self.peak_split = totals
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 class Timer:

@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ import psutil
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.append(str(BENCH_DIR))  # `common` and `baselines` beside this file
 
-from common import machine_info, now_iso, tree_memory, write_json  # noqa: E402
+from common import Sampler, machine_info, now_iso, tree_memory, write_json  # noqa: E402
 
 from stockvol.config import DEFAULT_CONFIG, load_config  # noqa: E402
 
@@ -50,17 +49,15 @@ SHOWN_CONF = (
 )
 
 
-class TreeMonitor:
+class TreeMonitor(Sampler):
     """Samples this process tree: peak summed RSS, and CPU seconds (also of workers that exited)."""
 
     def __init__(self, interval: float = 0.2) -> None:
+        super().__init__(interval, "tree-monitor")
         self.root = psutil.Process()
-        self.interval = interval
         self.peak = 0
         self.peak_split: dict[str, int] = {}
         self._cpu: dict[tuple[int, float], float] = {}  # (pid, start time) -> last CPU seconds
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="tree-monitor", daemon=True)
 
     def sample(self) -> None:
         totals = tree_memory(self.root)
@@ -74,19 +71,6 @@ class TreeMonitor:
     def cpu_seconds(self) -> float:
         self.sample()
         return sum(self._cpu.values())
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> TreeMonitor:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def measure(monitor: TreeMonitor, name: str, fn: Any) -> dict[str, Any]:

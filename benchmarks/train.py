@@ -21,7 +21,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -31,7 +30,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common`, beside this file
-from common import PeakMemory  # noqa: E402
+from common import PeakMemory, Sampler  # noqa: E402
 
 from stockvol.config import DEFAULT_CONFIG, load_config  # noqa: E402
 
@@ -55,29 +54,20 @@ def tree_cpu_seconds(root: psutil.Process) -> float:
     return total
 
 
-class CpuTimeline:
+class CpuTimeline(Sampler):
     """Samples the process tree's CPU seconds twice a second, to split them between phases."""
 
     def __init__(self, root: psutil.Process, interval: float = 0.5) -> None:
+        super().__init__(interval, "cpu-timeline")
         self.root = root
-        self.interval = interval
         self.samples: list[tuple[float, float]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="cpu-timeline", daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append((time.perf_counter(), tree_cpu_seconds(self.root)))
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> CpuTimeline:
-        self._thread.start()
-        return self
+    def sample(self) -> None:
+        self.samples.append((time.perf_counter(), tree_cpu_seconds(self.root)))
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.samples.append((time.perf_counter(), tree_cpu_seconds(self.root)))
+        super().__exit__(*exc)
+        self.sample()  # the last moment, so every phase lies between two samples
 
     def at(self, moment: float) -> float:
         """CPU seconds used up to ``moment`` (perf_counter), interpolated between samples."""
