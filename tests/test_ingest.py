@@ -11,11 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import SparkSession
+from pyspark.sql.pandas.types import from_arrow_schema
 
 from stockvol.config import Config, apply_overrides
-from stockvol.ingest import IngestInputError, StagedTable, run
+from stockvol.ingest import IngestInputError, run
 from stockvol.schema import CSV_COLUMNS, PRICES_SCHEMA
-from stockvol.storage import read_table
+from stockvol.storage import FileWriter, TableWrite, read_table
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -196,12 +197,14 @@ def test_staged_files_hold_every_row_once_within_the_file_limit(
     tmp_path: Path, max_rows: int, sizes: list[int]
 ) -> None:
     schema = pa.schema([("x", pa.int64())])
-    staged = StagedTable("t", str(tmp_path / "t"), schema, max_rows)
+    target = TableWrite(
+        tmp_path / "t", "parquet", from_arrow_schema(schema), tmp_path / "t", "part-", schema, False
+    )
+    writer = FileWriter(target, max_rows)
     for n in (3, 4, 0, 7):
-        staged.add(pa.table({"x": pa.array(range(n), pa.int64())}, schema=schema))
-    result = staged.close()
-    files = result.column("staged_file").to_pylist()
-    assert result.column("rows").to_pylist() == sizes
+        writer.add(pa.table({"x": pa.array(range(n), pa.int64())}, schema=schema))
+    files = [path for path, _ in writer.close()]
+    assert [rows for _, rows in writer.files] == sizes
     assert [pq.read_metadata(f).num_rows for f in files] == sizes
     values = pa.concat_tables(pq.read_table(f) for f in files).column("x").to_pylist()
     assert values == [*range(3), *range(4), *range(7)]  # in order, none lost or repeated

@@ -5,12 +5,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from chispa import assert_df_equality
 from pyspark.sql import SparkSession
+from pyspark.sql.pandas.types import to_arrow_schema
 from pyspark.sql.types import DoubleType, LongType, StringType, StructField, StructType
 
-from stockvol.storage import TableNotFoundError, delta_version, read_table, write_table
+from stockvol.storage import (
+    FileWriter,
+    TableNotFoundError,
+    TableWrite,
+    delta_version,
+    prepare_write,
+    publish,
+    read_table,
+    write_table,
+)
 
 SCHEMA = StructType(
     [
@@ -86,3 +97,103 @@ def test_delta_keeps_statistics_on_the_key_columns_only(
 
 def json_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+# --- files written by tasks with pyarrow, then published (ingest, features) ----------------------
+
+KEYED = StructType(
+    [
+        StructField("Symbol", StringType()),
+        StructField("Date", StringType()),
+        StructField("Adj Close", DoubleType()),
+        StructField("Volume", LongType()),
+    ]
+)
+KEYED_ROWS = [
+    ("MSFT", "2020-01-02", 160.5, 22_622_100),
+    ("AAPL", "2019-12-31", None, 100_805_600),
+    (None, "2020-01-03", 1.0, None),
+    ("ZZZ-LONG-SYMBOL-NAME-OVER-32-CHARACTERS", "1999-11-18", 3.25, 0),
+]
+
+
+def write_with_tasks(
+    spark: SparkSession, path: Path, storage_format: str, rows: list, schema: StructType = KEYED
+) -> TableWrite:
+    """What ingest and features do: prepare, write files with pyarrow (a retried attempt's file
+    left behind too), publish the reported ones."""
+    target = prepare_write(spark, path, schema, storage_format)
+    records = [dict(zip(schema.names, row, strict=True)) for row in rows]
+    table = pa.Table.from_pylist(records, to_arrow_schema(schema))
+    reported = FileWriter(target, max_rows_per_file=3)
+    reported.add(table)
+    abandoned = FileWriter(target)
+    abandoned.add(table)
+    abandoned.close()
+    publish(spark, target, [file for file, _ in reported.close()])
+    return target
+
+
+def logical_stats(path: Path, version: int) -> list[dict]:
+    """The statistics of each file a commit added, with column names instead of physical ones."""
+    actions = json_lines(path / "_delta_log" / f"{version:020d}.json")
+    logs = sorted(path.glob("_delta_log/*.json"))
+    metadata = [a["metaData"] for log in logs for a in json_lines(log) if "metaData" in a][-1]
+    fields = json.loads(metadata["schemaString"])["fields"]
+    names = {f["metadata"]["delta.columnMapping.physicalName"]: f["name"] for f in fields}
+    stats = [json.loads(a["add"]["stats"]) for a in actions if "add" in a]
+    return [
+        {k: {names[c]: x for c, x in v.items()} if isinstance(v, dict) else v for k, v in s.items()}
+        for s in stats
+    ]
+
+
+def test_files_committed_in_place_read_like_a_spark_write_with_the_same_statistics(
+    spark: SparkSession, tmp_path: Path
+) -> None:
+    path = tmp_path / "t"
+    target = write_with_tasks(spark, path, "delta", KEYED_ROWS)
+    assert target.in_place and target.directory == path
+    got = read_table(spark, path, "delta")
+    expected = spark.createDataFrame(KEYED_ROWS, KEYED)
+    assert_df_equality(got, expected, ignore_row_order=True, ignore_nullable=True)
+    history = spark.sql(f"DESCRIBE HISTORY delta.`{path}`").first()
+    assert (history["operation"], history["operationParameters"]["mode"]) == ("WRITE", "Overwrite")
+    # Only the two reported files (3 rows and 1) are on disk: the abandoned attempt's is gone.
+    stats = sorted(logical_stats(path, history["version"]), key=lambda s: -s["numRecords"])
+    assert [s["numRecords"] for s in stats] == [3, 1]
+    assert len(list(path.glob(f"{target.prefix}*"))) == 2
+    # The oracle: Delta's own writer on the first file's rows gives the same statistics.
+    spark_path = tmp_path / "spark"
+    write_table(spark.createDataFrame(KEYED_ROWS[:3], KEYED).coalesce(1), spark_path, "delta")
+    assert stats[0] == logical_stats(spark_path, 0)[0]
+    # Delta cuts long strings to 32 characters in its statistics; exact bounds are also valid.
+    long_symbol = KEYED_ROWS[3][0]
+    assert stats[1]["minValues"]["Symbol"] == stats[1]["maxValues"]["Symbol"] == long_symbol
+
+
+def test_an_in_place_commit_keeps_the_previous_version(spark: SparkSession, tmp_path: Path) -> None:
+    path = tmp_path / "t"
+    write_with_tasks(spark, path, "delta", KEYED_ROWS[:2])
+    first = delta_version(spark, path)
+    write_with_tasks(spark, path, "delta", KEYED_ROWS[2:])
+    assert delta_version(spark, path) == first + 1
+    old = spark.read.format("delta").option("versionAsOf", first).load(str(path))
+    assert sorted(r["Symbol"] for r in old.collect()) == ["AAPL", "MSFT"]
+    assert read_table(spark, path, "delta").count() == 2
+
+
+@pytest.mark.parametrize("storage_format", ["delta", "parquet"])
+def test_a_table_with_other_columns_is_replaced_whole(
+    spark: SparkSession, tmp_path: Path, storage_format: str
+) -> None:
+    """Delta cannot take files with new columns in place: they are staged and copied."""
+    path = tmp_path / "t"
+    write_table(spark.createDataFrame([("A", 1.0, 1)], SCHEMA), path, storage_format)
+    target = write_with_tasks(spark, path, storage_format, KEYED_ROWS)
+    assert not target.in_place
+    got = read_table(spark, path, storage_format)
+    assert got.columns == KEYED.names and got.count() == len(KEYED_ROWS)
+    if storage_format == "delta":  # statistics now on the new key column too
+        detail = spark.sql(f"DESCRIBE DETAIL delta.`{path}`").first()
+        assert detail["properties"]["delta.dataSkippingStatsColumns"] == "`Symbol`,`Date`"

@@ -13,9 +13,7 @@ the JVM: that cost several times the parsing).
 
 from __future__ import annotations
 
-import os
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +23,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
@@ -53,16 +50,13 @@ from stockvol.schema import (
     SYMBOL,
     VOLUME,
 )
-from stockvol.storage import new_staging_dir, publish_staged, read_table
+from stockvol.storage import FileWriter, TableWrite, prepare_write, publish, read_table
 from stockvol.summary import StageSummary
 
 FOLDERS = ("stocks", "etfs")  # also the duplicate rule: a date in stocks/ wins over etfs/
 META_FILE = "symbols_valid_meta.csv"
 PRICES_ARROW = to_arrow_schema(PRICES_SCHEMA)
 REJECTS_ARROW = to_arrow_schema(REJECTS_SCHEMA)
-# A staged Parquet row group holds whole files, about this many rows: big enough for fast scans,
-# small enough that a task's Python worker holds little before writing.
-ROW_GROUP_ROWS = 1 << 20
 # Tasks per core: enough to even out files of different sizes, few enough to write large files.
 TASKS_PER_CORE = 4
 
@@ -160,69 +154,16 @@ def file_counts(table: pa.Table, source_file: str) -> pa.Table:
     return padded_table(columns, n, RESULT_ARROW)
 
 
-class StagedTable:
-    """One task's rows of one table, written as Parquet files in ``directory`` with pyarrow.
-
-    Each row group holds whole files, so a symbol's rows stay together for the features job. A
-    file holds at most ``max_rows_per_file`` rows when that is set (Spark's
-    ``spark.sql.files.maxRecordsPerFile``, honoured as Spark's own writers do), else one file.
-    """
-
-    def __init__(
-        self, name: str, directory: str, schema: pa.Schema, max_rows_per_file: int
-    ) -> None:
-        self.name, self.directory, self.schema = name, directory, schema
-        self.max_rows = max_rows_per_file
-        self.flush_rows = min(ROW_GROUP_ROWS, self.max_rows) if self.max_rows else ROW_GROUP_ROWS
-        self.pending: list[pa.Table] = []
-        self.pending_rows = 0
-        self.files: list[tuple[str, int]] = []  # (path, rows) of every file written, in order
-        self.writer: pq.ParquetWriter | None = None
-
-    def add(self, table: pa.Table) -> None:
-        if len(table):
-            self.pending.append(table)
-            self.pending_rows += len(table)
-        if self.pending_rows >= self.flush_rows:
-            self._flush()
-
-    def _flush(self) -> None:
-        table = pa.concat_tables(self.pending) if self.pending else None
-        self.pending, self.pending_rows = [], 0
-        offset = 0
-        while table is not None and offset < len(table):
-            if self.writer is None or (self.max_rows and self.files[-1][1] >= self.max_rows):
-                self._next_file()
-            room = len(table) - offset
-            if self.max_rows:
-                room = min(room, self.max_rows - self.files[-1][1])
-            self.writer.write_table(table.slice(offset, room), row_group_size=room)
-            path, rows = self.files[-1]
-            self.files[-1] = (path, rows + room)
-            offset += room
-
-    def _next_file(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        os.makedirs(self.directory, exist_ok=True)
-        # A fresh name per attempt: a retried task never writes over a file another attempt
-        # reported; the driver publishes only the files that successful tasks returned.
-        path = f"{self.directory}/part-{uuid.uuid4().hex}.parquet"
-        self.writer = pq.ParquetWriter(path, self.schema)
-        self.files.append((path, 0))
-
-    def close(self) -> pa.Table:
-        """One result row per staged file (none if the task had no rows for this table)."""
-        self._flush()
-        if self.writer is not None:
-            self.writer.close()
-        n = len(self.files)
-        columns = {
-            TABLE: pa.array([self.name] * n, pa.string()),
-            STAGED_FILE: pa.array([path for path, _ in self.files], pa.string()),
-            ROWS: pa.array([rows for _, rows in self.files], pa.int64()),
-        }
-        return padded_table(columns, n, RESULT_ARROW)
+def staged_rows(name: str, writer: FileWriter) -> pa.Table:
+    """One result row per file a task's writer wrote for table ``name``."""
+    files = writer.close()
+    n = len(files)
+    columns = {
+        TABLE: pa.array([name] * n, pa.string()),
+        STAGED_FILE: pa.array([path for path, _ in files], pa.string()),
+        ROWS: pa.array([rows for _, rows in files], pa.int64()),
+    }
+    return padded_table(columns, n, RESULT_ARROW)
 
 
 @dataclass(frozen=True)
@@ -230,8 +171,8 @@ class IngestTask:
     """The mapInArrow body: the paths of whole files in (all files of each of its symbols),
     count rows and staged file names out."""
 
-    prices_dir: str
-    rejects_dir: str
+    prices: TableWrite
+    rejects: TableWrite
     names: dict[str, str]
     max_rows_per_file: int = 0  # 0: no limit
 
@@ -241,8 +182,8 @@ class IngestTask:
             for path in batch.column("path").to_pylist():
                 source_file = "/".join(path.rsplit("/", 2)[-2:])  # stocks/X.csv
                 by_symbol[symbol_of(source_file)].append((source_file, path))
-        prices = StagedTable("prices", self.prices_dir, PRICES_ARROW, self.max_rows_per_file)
-        rejects = StagedTable("rejects", self.rejects_dir, REJECTS_ARROW, self.max_rows_per_file)
+        prices = FileWriter(self.prices, self.max_rows_per_file)
+        rejects = FileWriter(self.rejects, self.max_rows_per_file)
         for symbol, files in sorted(by_symbol.items()):
             files.sort(key=lambda file: (FOLDERS.index(file[0].split("/")[0]), file[0]))
             # A symbol in several files: a later file may repeat a date, and that row's reject
@@ -255,8 +196,8 @@ class IngestTask:
                 prices.add(price_rows(table, self.names.get(symbol)))
                 rejects.add(reject_rows(table))
                 yield from file_counts(table, source_file).to_batches()
-        for staged in (prices, rejects):
-            yield from staged.close().to_batches()
+        for name, writer in (("prices", prices), ("rejects", rejects)):
+            yield from staged_rows(name, writer).to_batches()
 
 
 def read_bytes(path: str) -> bytes:
@@ -305,27 +246,27 @@ def run(spark: SparkSession, config: Config) -> StageSummary:
     found = list_raw_files(raw_dir)
     meta = pd.read_csv(raw_dir / META_FILE, dtype=str, keep_default_na=False)
     names = security_names(meta)
-    prices_dir = new_staging_dir(config.prices_path)
-    rejects_dir = new_staging_dir(config.rejects_path)
+    fmt = config.storage_format
+    prices = prepare_write(spark, config.prices_path, PRICES_SCHEMA, fmt)
+    rejects = prepare_write(spark, config.rejects_path, REJECTS_SCHEMA, fmt)
     max_rows = int(spark.conf.get("spark.sql.files.maxRecordsPerFile", "0"))
-    task = IngestTask(str(prices_dir), str(rejects_dir), names, max_rows)
+    task = IngestTask(prices, rejects, names, max_rows)
     result = ingest_files(spark, raw_dir, task)
     counts = count_table(result)
     _check_conservation(counts)
     kept = int(counts["kept"].sum())
     rejected = {r: int(counts[r].sum()) for r in REASONS if counts[r].sum()}
-    targets = (
-        ("prices", prices_dir, config.prices_path, PRICES_SCHEMA, kept),
-        ("rejects", rejects_dir, config.rejects_path, REJECTS_SCHEMA, sum(rejected.values())),
-    )
-    for table, staging, path, schema, want in targets:
+    for table, target, want in (
+        ("prices", prices, kept),
+        ("rejects", rejects, sum(rejected.values())),
+    ):
         files, rows = staged_files(result, table)
         if rows != want:
             raise ConservationError(f"{table}: {rows} rows staged, {want} counted")
-        publish_staged(spark, staging, files, schema, path, config.storage_format)
-        written = read_table(spark, path, config.storage_format).count()
+        publish(spark, target, files)
+        written = read_table(spark, target.path, fmt).count()
         if written != want:
-            raise ConservationError(f"{path}: {written} rows written, {want} expected")
+            raise ConservationError(f"{target.path}: {written} rows written, {want} expected")
     header_only = [f for f in found.csv_files if f not in counts.index and f not in found.empty]
     symbols = {symbol_of(f) for f in found.csv_files}
     return StageSummary(

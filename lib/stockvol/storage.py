@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.pandas.types import to_arrow_schema
@@ -17,6 +20,7 @@ from stockvol.schema import DATE, SYMBOL
 
 # The columns Delta keeps file statistics on, for data skipping (when the table has them).
 STATS_COLUMNS = (SYMBOL, DATE)
+_STATS_PROPERTY = "delta.dataSkippingStatsColumns"
 
 
 class TableNotFoundError(FileNotFoundError):
@@ -46,11 +50,13 @@ def write_table(df: DataFrame, path: Path, storage_format: str) -> None:
     if storage_format == "delta":
         if path.is_symlink():  # the table was Parquet: its versions go once Delta has committed
             path.unlink()
-        properties = {"delta.columnMapping.mode": "name", **_stats_property(df)}
-        if table_exists(path, "delta"):
-            _set_properties(df.sparkSession, path, properties)
+        properties = _table_properties(df.columns)
+        existed = table_exists(path, "delta")
+        complete = not existed or _set_properties(df.sparkSession, path, properties)
         writer = df.write.format("delta").mode("overwrite").option("overwriteSchema", "true")
         writer.options(**properties).save(str(path))
+        if not complete:  # the new columns exist now
+            _set_properties(df.sparkSession, path, properties)
         shutil.rmtree(_versions_dir(path), ignore_errors=True)  # Parquet versions, staged files
         return
     new_version = new_staging_dir(path)
@@ -58,42 +64,234 @@ def write_table(df: DataFrame, path: Path, storage_format: str) -> None:
     _swap_in(new_version, path)
 
 
+@dataclass(frozen=True)
+class TableWrite:
+    """A new version of a table that a job's tasks write as Parquet files with pyarrow, and that
+    ``publish`` then makes the table: where the files go, how they are named, which columns they
+    carry. Made by ``prepare_write`` on the driver; tasks receive it pickled."""
+
+    path: Path  # the table
+    storage_format: str
+    schema: StructType  # the table's columns (logical names)
+    directory: Path  # where the tasks write the files
+    prefix: str  # every file of this write is named ``prefix`` + a fresh id + ``.parquet``
+    file_schema: pa.Schema  # the files' columns: a Delta table's physical names, in schema order
+    in_place: bool  # Delta: the files are committed where they are (else Spark copies them)
+
+    def new_file(self) -> str:
+        """A fresh file name: a retried task never writes over a file another attempt
+        reported; ``publish`` keeps only the files that successful tasks returned."""
+        return f"{self.directory}/{self.prefix}{uuid.uuid4().hex}.parquet"
+
+
+def prepare_write(
+    spark: SparkSession, path: Path, schema: StructType, storage_format: str
+) -> TableWrite:
+    """Get the table at ``path`` ready for a write of ``schema`` by tasks (see ``TableWrite``).
+
+    Parquet: the files go to a fresh version directory. Delta: into the table's own directory,
+    named with the table's physical column names (column mapping), so ``publish`` commits them
+    where they are. A Delta table that does not exist yet is created empty first; one whose
+    columns differ gets the files staged aside and copied by Spark with the new schema.
+    """
+    _check_format(storage_format)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrow = to_arrow_schema(schema)
+    staged = TableWrite(path, storage_format, schema, new_staging_dir(path), "part-", arrow, False)
+    if storage_format == "parquet":
+        return staged
+    if not table_exists(path, "delta"):
+        write_table(spark.createDataFrame([], schema), path, "delta")  # sets the properties
+    fields = json.loads(_delta_log(spark, path).startTransaction().metadata().schemaString())
+    if [(f["name"], f["type"]) for f in fields["fields"]] != _logical_columns(schema):
+        return staged  # write_table (in publish) changes the columns and properties together
+    _set_properties(spark, path, _table_properties(schema.names))
+    physical = [
+        field.with_name(_physical_name(column)).with_metadata(_field_id(column))
+        for field, column in zip(arrow, fields["fields"], strict=True)
+    ]
+    prefix = f"part-{uuid.uuid4().hex[:12]}-"
+    return TableWrite(path, "delta", schema, path, prefix, pa.schema(physical), True)
+
+
 def new_staging_dir(path: Path) -> Path:
     """A fresh directory name (not created) for a new version of the table at ``path``: it
-    becomes the table itself for Parquet; for Delta it holds files staged for the next write."""
+    becomes the table itself for Parquet; for Delta it holds files staged for a copy."""
     return _versions_dir(Path(path)) / uuid.uuid4().hex
 
 
-def publish_staged(
-    spark: SparkSession,
-    staging: Path,
-    files: list[str],
-    schema: StructType,
-    path: Path,
-    storage_format: str,
-) -> None:
-    """Make the Parquet ``files`` a job wrote into ``staging`` (from ``new_staging_dir``) the
-    table at ``path``, as atomically as ``write_table``. Other files there (left by failed task
-    attempts) are dropped. Parquet: the directory becomes the table, nothing is copied. Delta:
-    Spark copies the rows into the table in one commit; the staged files are then removed."""
-    _check_format(storage_format)
-    path = Path(path)
-    staging.mkdir(parents=True, exist_ok=True)
+def publish(spark: SparkSession, target: TableWrite, files: list[str]) -> None:
+    """Make the Parquet ``files`` that tasks wrote for ``target`` the table, as atomically as
+    ``write_table``. Other files of this write (left by failed task attempts) are deleted.
+    Parquet: the directory becomes the table, nothing is copied. Delta in place: one overwrite
+    commit adds the files as they are. Delta staged: Spark copies the rows in one commit."""
     listed = {Path(f).name for f in files}
-    for entry in staging.iterdir():
+    target.directory.mkdir(parents=True, exist_ok=True)
+    for entry in target.directory.glob(f"{target.prefix}*.parquet"):
         if entry.name not in listed:
             entry.unlink()
-    if storage_format == "delta":
-        rows = (
-            spark.read.schema(schema).parquet(*files)
-            if files
-            else spark.createDataFrame([], schema)
-        )
-        write_table(rows, path, "delta")
-        return
-    if not files:  # an empty table still has its schema
-        pq.write_table(to_arrow_schema(schema).empty_table(), staging / "part-empty.parquet")
-    _swap_in(staging, path)
+    if target.in_place:
+        _commit_files(spark, target, [target.directory / name for name in sorted(listed)])
+        shutil.rmtree(_versions_dir(target.path), ignore_errors=True)  # Parquet versions
+    elif target.storage_format == "delta":
+        reader = spark.read.schema(target.schema)
+        rows = reader.parquet(*files) if files else spark.createDataFrame([], target.schema)
+        write_table(rows, target.path, "delta")
+    else:
+        if not files:  # an empty table still has its schema
+            pq.write_table(
+                target.file_schema.empty_table(), target.directory / "part-empty.parquet"
+            )
+        _swap_in(target.directory, target.path)
+
+
+# A written Parquet row group holds about this many rows: big enough for fast scans, small
+# enough that a task's Python worker holds little before writing.
+ROW_GROUP_ROWS = 1 << 20
+
+
+class FileWriter:
+    """One task's rows of one ``TableWrite``, written as Parquet files with pyarrow.
+
+    Rows are buffered until a row group's worth, so the tables given to ``add`` stay together in
+    one row group when they fit (ingest gives whole CSV files: a symbol's rows stay together for
+    the features job). A file holds at most ``max_rows_per_file`` rows when that is set (Spark's
+    ``spark.sql.files.maxRecordsPerFile``, honoured as Spark's own writers do), else one file.
+    """
+
+    def __init__(self, target: TableWrite, max_rows_per_file: int = 0) -> None:
+        self.target = target
+        self.max_rows = max_rows_per_file
+        self.flush_rows = min(ROW_GROUP_ROWS, self.max_rows) if self.max_rows else ROW_GROUP_ROWS
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.files: list[tuple[str, int]] = []  # (path, rows) of every file written, in order
+        self.writer: pq.ParquetWriter | None = None
+
+    def add(self, table: pa.Table) -> None:
+        """Rows with the table's logical columns (``TableWrite.schema``)."""
+        if len(table):
+            self.pending.append(table)
+            self.pending_rows += len(table)
+        if self.pending_rows >= self.flush_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        table = pa.concat_tables(self.pending)
+        self.pending, self.pending_rows = [], 0
+        # Same columns, the file's names (a Delta table's physical names).
+        table = pa.Table.from_arrays(table.columns, schema=self.target.file_schema)
+        offset = 0
+        while offset < len(table):
+            if self.writer is None or (self.max_rows and self.files[-1][1] >= self.max_rows):
+                self._next_file()
+            room = len(table) - offset
+            if self.max_rows:
+                room = min(room, self.max_rows - self.files[-1][1])
+            self.writer.write_table(table.slice(offset, room), row_group_size=room)
+            path, rows = self.files[-1]
+            self.files[-1] = (path, rows + room)
+            offset += room
+
+    def _next_file(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        os.makedirs(self.target.directory, exist_ok=True)
+        path = self.target.new_file()
+        self.writer = pq.ParquetWriter(path, self.target.file_schema)
+        self.files.append((path, 0))
+
+    def close(self) -> list[tuple[str, int]]:
+        """Every file written, with its rows (none if the task had no rows for this table)."""
+        self._flush()
+        if self.writer is not None:
+            self.writer.close()
+        return self.files
+
+
+def _commit_files(spark: SparkSession, target: TableWrite, files: list[Path]) -> None:
+    """One Delta commit that replaces every file of the table with ``files``.
+
+    Delta has no public API that commits files another writer made, so this uses the
+    transaction API delta-spark itself is built on (``DeltaLog.startTransaction`` and
+    ``OptimisticTransaction.commit``, pinned by the delta-spark version in
+    spark-defaults.conf): removes come from Delta's own ``AddFile.remove``, adds from JSON in
+    the protocol's ``add`` format with statistics read from each file's Parquet footer. A
+    concurrent commit makes it fail as any Delta write would.
+    """
+    jvm = spark._jvm
+    transaction = _delta_log(spark, target.path).startTransaction()
+    fields = json.loads(transaction.metadata().schemaString())["fields"]
+    if [_physical_name(f) for f in fields] != target.file_schema.names:
+        raise RuntimeError(f"{target.path}: the table's columns changed during the write")
+    to_scala = jvm.scala.jdk.javaapi.CollectionConverters
+    actions = jvm.java.util.ArrayList()
+    current = to_scala.asJava(transaction.filterFiles())
+    for i in range(current.size()):
+        actions.add(current.get(i).remove())
+    stats_columns = [_physical_name(f) for f in fields if f["name"] in STATS_COLUMNS]
+    for file in files:
+        add = _add_action(file, target, stats_columns)
+        actions.add(jvm.org.apache.spark.sql.delta.actions.Action.fromJson(json.dumps(add)))
+    none = jvm.scala.Option.apply(None)
+    write = getattr(jvm.org.apache.spark.sql.delta, "DeltaOperations$Write")
+    operation = write(jvm.org.apache.spark.sql.SaveMode.Overwrite, *[none] * 8)
+    transaction.commit(to_scala.asScala(actions).toSeq(), operation)
+
+
+def _add_action(file: Path, target: TableWrite, stats_columns: list[str]) -> dict:
+    """The Delta ``add`` action of one written file, after checking its columns."""
+    metadata = pq.read_metadata(file)
+    written = metadata.schema.to_arrow_schema()
+    if written.names != target.file_schema.names or written.types != target.file_schema.types:
+        raise RuntimeError(f"{file}: columns {written} are not the table's {target.file_schema}")
+    stats: dict = {"numRecords": metadata.num_rows, "minValues": {}, "maxValues": {}}
+    stats["nullCount"] = {}
+    for name in stats_columns:
+        column = written.names.index(name)
+        chunks = [
+            metadata.row_group(i).column(column).statistics for i in range(metadata.num_row_groups)
+        ]
+        if any(chunk is None for chunk in chunks):
+            continue  # no statistics: Delta then reads the file for every filter
+        stats["nullCount"][name] = sum(chunk.null_count for chunk in chunks)
+        bounded = [chunk for chunk in chunks if chunk.has_min_max]
+        if bounded:
+            stats["minValues"][name] = min(chunk.min for chunk in bounded)
+            stats["maxValues"][name] = max(chunk.max for chunk in bounded)
+    status = file.stat()
+    return {
+        "add": {
+            "path": file.relative_to(target.path).as_posix(),
+            "partitionValues": {},
+            "size": status.st_size,
+            "modificationTime": int(status.st_mtime * 1000),
+            "dataChange": True,
+            "stats": json.dumps(stats),
+        }
+    }
+
+
+def _delta_log(spark: SparkSession, path: Path):  # noqa: ANN202 (a py4j JavaObject)
+    return spark._jvm.org.apache.spark.sql.delta.DeltaLog.forTable(spark._jsparkSession, str(path))
+
+
+def _logical_columns(schema: StructType) -> list[tuple[str, str]]:
+    return [(f["name"], f["type"]) for f in schema.jsonValue()["fields"]]
+
+
+def _physical_name(column: dict) -> str:
+    """The name a Delta column has in Parquet files: its own unless column mapping renamed it."""
+    return column["metadata"].get("delta.columnMapping.physicalName", column["name"])
+
+
+def _field_id(column: dict) -> dict[bytes, bytes]:
+    """Parquet field id metadata, as Delta writes it for columns with a mapping id."""
+    column_id = column["metadata"].get("delta.columnMapping.id")
+    return {} if column_id is None else {b"PARQUET:field_id": str(column_id).encode()}
 
 
 def _swap_in(version: Path, path: Path) -> None:
@@ -106,26 +304,34 @@ def _swap_in(version: Path, path: Path) -> None:
     _remove_stale_versions(_versions_dir(path), keep=version)
 
 
-def _stats_property(df: DataFrame) -> dict[str, str]:
-    """Delta keeps min/max/null statistics of the first 32 columns by default; on these tables
-    that doubled the JVM's CPU per written row (docs/benchmarks.md), and only the keys are ever
-    filtered on."""
-    keys = [name for name in STATS_COLUMNS if name in df.columns]
-    if not keys:
-        return {}
-    return {"delta.dataSkippingStatsColumns": ",".join(f"`{name}`" for name in keys)}
+def _table_properties(columns: list[str]) -> dict[str, str]:
+    """Column mapping (names with spaces), and statistics on the key columns only: Delta keeps
+    min/max/null statistics of the first 32 columns by default, which doubled the JVM's CPU per
+    written row on these tables (docs/benchmarks.md), and only the keys are ever filtered on."""
+    properties = {"delta.columnMapping.mode": "name"}
+    keys = [name for name in STATS_COLUMNS if name in columns]
+    if keys:
+        properties[_STATS_PROPERTY] = ",".join(f"`{name}`" for name in keys)
+    return properties
 
 
-def _set_properties(spark: SparkSession, path: Path, properties: dict[str, str]) -> None:
+def _set_properties(spark: SparkSession, path: Path, properties: dict[str, str]) -> bool:
     """Give an existing table these properties (a write's options only set them on creation);
-    a table that has them already gets no extra commit."""
+    a table that has them already gets no extra commit. Returns False if the statistics
+    property names a column the table does not have yet (it is then left for after the write)."""
     from delta.tables import DeltaTable
 
-    current = DeltaTable.forPath(spark, str(path)).detail().first()["properties"]
+    table = DeltaTable.forPath(spark, str(path))
+    current = table.detail().first()["properties"]
     changed = {k: v for k, v in properties.items() if current.get(k) != v}
+    keys = [name for name in STATS_COLUMNS if f"`{name}`" in changed.get(_STATS_PROPERTY, "")]
+    complete = set(keys) <= set(table.toDF().columns)
+    if not complete:
+        del changed[_STATS_PROPERTY]
     if changed:
         assignments = ", ".join(f"'{k}' = '{v}'" for k, v in changed.items())
         spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ({assignments})")
+    return complete
 
 
 def _remove_stale_versions(versions: Path, keep: Path) -> None:
