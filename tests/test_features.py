@@ -6,7 +6,6 @@ import math
 import shutil
 from collections.abc import Iterator
 from datetime import date, timedelta
-from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -24,16 +23,15 @@ from stockvol import ingest
 from stockvol.config import MEDIAN_MODES, Config, apply_overrides
 from stockvol.features import (
     FeaturesInputError,
-    RollingFeatures,
     add_rolling_features,
     compute_features,
+    features_table,
     run,
 )
 from stockvol.schema import (
     ADJ_CLOSE,
     ADJ_CLOSE_ROLLING_MED,
     DATE,
-    FEATURE_COLUMNS,
     FEATURES_SCHEMA,
     PRICES_SCHEMA,
     SECURITY_NAME,
@@ -322,7 +320,7 @@ def test_approx_mode_is_spark_percentile_approx(spark: SparkSession, window: int
                        ignore_row_order=True, ignore_nullable=True)  # fmt: skip
 
 
-# ---------------------------------------------------------------- the kernel alone, any batch split
+# ---------------------------------------------------------------- the kernel alone, any row order
 
 
 @settings(max_examples=60, deadline=None)
@@ -330,24 +328,18 @@ def test_approx_mode_is_spark_percentile_approx(spark: SparkSession, window: int
     window=st.sampled_from([1, 2, 3, 4, 5, 30]),
     median=st.sampled_from(MEDIAN_MODES),
     lengths=st.lists(st.integers(1, 70), min_size=1, max_size=4),
-    cuts=st.lists(st.integers(0, 280), max_size=8),
     seed=st.integers(0, 2**16),
+    sort=st.booleans(),
 )
-def test_kernel_equals_oracle_whatever_the_batch_boundaries(
-    window: int, median: str, lengths: list[int], cuts: list[int], seed: int
+def test_kernel_equals_oracle_whatever_the_row_order(
+    window: int, median: str, lengths: list[int], seed: int, sort: bool
 ) -> None:
     prices = generated_prices({f"S{i}": n for i, n in enumerate(lengths)}, seed)
-    prices = prices.sort_values([SYMBOL, DATE]).reset_index(drop=True)
-    table = pa.Table.from_pandas(prices, preserve_index=False)
-    bounds = [0, *sorted(c for c in cuts if c < len(prices)), len(prices)]
-    # Cut points may repeat: empty batches are part of the test.
-    batches = [batch for a, b in pairwise(bounds) for batch in table.slice(a, b - a).to_batches()]
-    columns = (
-        (b.column(SYMBOL), b.column(DATE), b.column(VOLUME), b.column(ADJ_CLOSE)) for b in batches
-    )
-    result = pa.concat_arrays(list(RollingFeatures(window, median)(columns)))
-    out = prices.assign(
-        **{name: result.field(name).to_numpy(zero_copy_only=False) for name in FEATURE_COLUMNS}
+    rows = prices.sort_values([SYMBOL, DATE]) if sort else shuffled(prices, seed)
+    table = pa.Table.from_pandas(rows[PRICE_NAMES], preserve_index=False)
+    out = features_table(table, window, median).to_pandas()
+    assert out[[SYMBOL, DATE]].equals(
+        prices.sort_values([SYMBOL, DATE])[[SYMBOL, DATE]].reset_index(drop=True)
     )
     assert_matches_oracle(out, prices, window, median)
 

@@ -1,18 +1,19 @@
 """Features: per-symbol rolling mean of Volume and rolling median of Adj Close, exact, fast.
 
 Spark's sliding-frame aggregates re-evaluate the whole frame for every row and need a shuffle by
-symbol. Here the rows of each partition are sorted by (Symbol, Date) and handed to numpy in Arrow
-batches: a window's Volume sum is a difference of int64 prefix sums (exact), its median a
-``np.partition`` of the window's values (exact). A batch carries its last ``window - 1`` rows
-into the next, so windows span batch boundaries. Symbols whose rows all sit in one input
-partition (ingest writes each CSV file's rows together) are not shuffled; the others are shuffled
-by symbol first. Both paths run the same kernel, so the result is identical.
+symbol. Here each partition's rows go to numpy in one Arrow table (``mapInArrow``), sorted by
+(Symbol, Date) unless they already are: a window's Volume sum is a difference of int64 prefix
+sums (exact), its median a ``np.partition`` of the window's values (exact). Symbols whose rows
+all sit in one input partition (ingest writes each CSV file's rows together) are not shuffled;
+the others are shuffled by symbol first. Both paths run the same kernel, so the result is
+identical. The job's tasks write the features table's files themselves (``storage.FileWriter``)
+and only file names return to Spark.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,25 +21,38 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from numpy.lib.stride_tricks import sliding_window_view
 from pyspark.errors import PythonException
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import DoubleType, StructField, StructType
+from pyspark.sql.pandas.types import to_arrow_schema
+from pyspark.sql.types import LongType, StringType, StructField, StructType
 
 from stockvol.cli import PipelineError
 from stockvol.config import MEDIAN_MODES, Config
+from stockvol.ingest import ConservationError
 from stockvol.schema import (
     ADJ_CLOSE,
     DATE,
     FEATURE_COLUMNS,
+    FEATURES_SCHEMA,
     PRICES_SCHEMA,
     SYMBOL,
     VOLUME,
 )
-from stockvol.storage import delta_version, read_table, write_table
+from stockvol.storage import (
+    FileWriter,
+    TableWrite,
+    delta_version,
+    prepare_write,
+    publish,
+    read_table,
+)
 from stockvol.summary import StageSummary
 
-FEATURES_STRUCT = StructType([StructField(name, DoubleType()) for name in FEATURE_COLUMNS])
-_STRUCT = "_features"
+FEATURES_ARROW = to_arrow_schema(FEATURES_SCHEMA)
+_INPUT_ARROW = to_arrow_schema(PRICES_SCHEMA)
+# What a writing task returns: one row per Parquet file it wrote.
+WRITTEN_SCHEMA = StructType([StructField("file", StringType()), StructField("rows", LongType())])
+WRITTEN_ARROW = to_arrow_schema(WRITTEN_SCHEMA)
 # Raised inside a Python worker; run() finds this marker in Spark's error and re-raises it plainly.
 _BAD_INPUT = "features input error: "
 
@@ -103,143 +117,110 @@ def window_features(
     return valid, mean, med
 
 
-@dataclass
-class _Carry:
-    """The last ``window - 1`` rows of the partition so far, and the position of the first one."""
-
-    symbol: pa.Array
-    date: pa.Array
-    volume: np.ndarray
-    adj_close: np.ndarray
-    first_position: int = 0
-
-
 def _fail(message: str) -> None:
     raise ValueError(_BAD_INPUT + message)
 
 
-def _check_keys(symbol: pa.Array, date: pa.Array, volume: pa.Array, adj_close: pa.Array) -> None:
-    for name, column in ((SYMBOL, symbol), (DATE, date), (VOLUME, volume), (ADJ_CLOSE, adj_close)):
-        if column.null_count:
-            _fail(f"{column.null_count} null {name} value(s); ingest must reject such rows")
-    if pc.any(pc.is_nan(adj_close)).as_py():
+def _check_keys(prices: pa.Table) -> None:
+    for name in (SYMBOL, DATE, VOLUME, ADJ_CLOSE):
+        if prices.column(name).null_count:
+            count = prices.column(name).null_count
+            _fail(f"{count} null {name} value(s); ingest must reject such rows")
+    if pc.any(pc.is_nan(prices.column(ADJ_CLOSE))).as_py():
         _fail(f"NaN {ADJ_CLOSE} value(s); ingest must reject such rows")
 
 
-class RollingFeatures:
-    """The kernel over a partition: (Symbol, Date, Volume, Adj Close) batches in, features out.
+def _in_order(symbol: pa.Array, date: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Per row after the first: same symbol as the row before, and in (Symbol, Date) order."""
+    same = pc.equal(symbol[1:], symbol[:-1]).to_numpy(zero_copy_only=False)
+    later = pc.greater(date[1:], date[:-1]).to_numpy(zero_copy_only=False)
+    after = pc.greater(symbol[1:], symbol[:-1]).to_numpy(zero_copy_only=False)
+    return same, after | (same & later)
 
-    Called once per partition; the rows of one symbol must be contiguous and in date order there.
+
+def features_table(prices: pa.Table, window: int, median: str) -> pa.Table:
+    """Whole symbols' prices rows, in any order, with both features: sorted by (Symbol, Date).
+
+    Every row of a symbol must be in ``prices`` (the windows run over them all). Fails with a
+    clear message on rows ingest should have rejected (null keys, NaN, a date repeated).
     """
-
-    def __init__(self, window: int, median: str) -> None:
-        median_ranks(window, median)  # validate early, on the driver
-        self.window = window
-        self.median = median
-
-    def __call__(self, batches: Iterator[tuple[pa.Array, ...]]) -> Iterator[pa.StructArray]:
-        """One struct array (vol_moving_avg, adj_close_rolling_med) per batch, same length."""
-        carry: _Carry | None = None
-        for symbol, date, volume, adj_close in batches:
-            n = len(volume)
-            valid = np.zeros(n, dtype=bool)
-            mean_column = np.zeros(n)
-            med_column = np.zeros(n)
-            if n:
-                _check_keys(symbol, date, volume, adj_close)
-                carry, valid, mean, med = self._step(carry, symbol, date, volume, adj_close)
-                mean_column[valid] = mean
-                med_column[valid] = med
-            yield pa.StructArray.from_arrays(
-                [pa.array(mean_column, mask=~valid), pa.array(med_column, mask=~valid)],
-                names=list(FEATURE_COLUMNS),
-            )
-
-    def _step(
-        self,
-        carry: _Carry | None,
-        symbol: pa.Array,
-        date: pa.Array,
-        volume: pa.Array,
-        adj: pa.Array,
-    ) -> tuple[_Carry, np.ndarray, np.ndarray, np.ndarray]:
-        """Features of one batch, given the rows carried over; returns the next carry too."""
-        kept = 0
-        first_position = 0
-        volume_np = volume.to_numpy()
-        adj_np = adj.to_numpy()
-        if carry is not None:
-            kept = len(carry.volume)
-            first_position = carry.first_position
-            symbol = pa.concat_arrays([carry.symbol, symbol])
-            date = pa.concat_arrays([carry.date, date])
-            volume_np = np.concatenate([carry.volume, volume_np])
-            adj_np = np.concatenate([carry.adj_close, adj_np])
-        same = pc.equal(symbol[1:], symbol[:-1]).to_numpy(zero_copy_only=False)
-        later = pc.greater(date[1:], date[:-1]).to_numpy(zero_copy_only=False)
-        if (same & ~later).any():
-            bad = int(np.flatnonzero(same & ~later)[0]) + 1
-            _fail(
-                f"{SYMBOL} {symbol[bad].as_py()!r} has {DATE} {date[bad].as_py()} more than once; "
-                "ingest must reject duplicate dates"
-            )
-        new_run = np.concatenate(([True], ~same))
-        valid, mean, med = window_features(
-            new_run, volume_np, adj_np, self.window, self.median, first_position, skip=kept
+    prices = prices.select(FEATURES_ARROW.names[: -len(FEATURE_COLUMNS)]).combine_chunks()
+    _check_keys(prices)
+    same, ordered = _in_order(prices.column(SYMBOL), prices.column(DATE))
+    if not ordered.all():  # ingest writes each file in date order: usually no sort is needed
+        prices = prices.take(pc.sort_indices(prices, [(SYMBOL, "ascending"), (DATE, "ascending")]))
+        same, ordered = _in_order(prices.column(SYMBOL), prices.column(DATE))
+    if not ordered.all():
+        bad = int(np.flatnonzero(~ordered)[0]) + 1
+        symbol, date = prices.column(SYMBOL)[bad].as_py(), prices.column(DATE)[bad].as_py()
+        _fail(
+            f"{SYMBOL} {symbol!r} has {DATE} {date} more than once; ingest must reject duplicates"
         )
-        keep = max(len(volume_np) - (self.window - 1), 0)
-        position_of_keep = _position_at(new_run, keep, first_position)
-        next_carry = _Carry(
-            symbol[keep:], date[keep:], volume_np[keep:], adj_np[keep:], position_of_keep
+    n = prices.num_rows
+    valid, mean, med = window_features(
+        np.concatenate(([True], ~same)) if n else np.zeros(0, dtype=bool),
+        prices.column(VOLUME).to_numpy(),
+        prices.column(ADJ_CLOSE).to_numpy(),
+        window,
+        median,
+    )
+    features = []
+    for values in (mean, med):
+        column = np.zeros(n)
+        column[valid] = values
+        features.append(pa.array(column, mask=~valid))
+    return pa.Table.from_arrays([*prices.columns, *features], schema=FEATURES_ARROW)
+
+
+@dataclass(frozen=True)
+class FeaturesTask:
+    """The mapInArrow body: one partition's prices rows in (all rows of each of its symbols but
+    those in ``skip``), features out; or, given a ``target``, the features written there as
+    Parquet files and one row per file out (name and rows), so the rows never return to Spark."""
+
+    window: int
+    median: str
+    skip: frozenset[str] = frozenset()  # symbols split over partitions: computed elsewhere
+    target: TableWrite | None = None
+    max_rows_per_file: int = 0  # 0: no limit
+
+    def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        batches = list(batches)
+        prices = pa.Table.from_batches(batches) if batches else _INPUT_ARROW.empty_table()
+        if self.skip:
+            prices = prices.filter(pc.invert(pc.is_in(prices.column(SYMBOL), pa.array(self.skip))))
+        features = features_table(prices, self.window, self.median)
+        if self.target is None:
+            yield from features.to_batches()
+            return
+        writer = FileWriter(self.target, self.max_rows_per_file)
+        writer.add(features)
+        files = writer.close()
+        yield pa.RecordBatch.from_pydict(
+            {"file": [f for f, _ in files], "rows": [rows for _, rows in files]}, WRITTEN_ARROW
         )
-        return next_carry, valid, mean, med
-
-
-def _position_at(new_run: np.ndarray, row: int, first_position: int) -> int:
-    """The position of ``row`` within its symbol (0 for its first row); past the end gives 0."""
-    if row >= len(new_run):
-        return 0
-    starts = np.flatnonzero(new_run[: row + 1])
-    start = int(starts[-1])
-    return row - start + (first_position if start == 0 else 0)
-
-
-def rolling_udf(window: int, median: str) -> Callable[..., Column]:
-    """An Arrow iterator UDF over (Symbol, Date, Volume, Adj Close) returning the features struct.
-
-    Only those four columns travel to Python and only the two features come back; Spark keeps the
-    other columns and zips the result onto them. The UDF keeps state from one batch to the next, so
-    it is declared nondeterministic: the optimizer must not move it away from the sort below it.
-    """
-    kernel = RollingFeatures(window, median)
-
-    def rolling(
-        batches: Iterator[tuple[pa.Array, pa.Array, pa.Array, pa.Array]],
-    ) -> Iterator[pa.Array]:
-        return kernel(batches)
-
-    return F.arrow_udf(rolling, FEATURES_STRUCT).asNondeterministic()
 
 
 def add_rolling_features(
-    prices: DataFrame, window: int, median: str, shuffle: bool = True
+    prices: DataFrame,
+    window: int,
+    median: str,
+    shuffle: bool = True,
+    skip: frozenset[str] = frozenset(),
+    target: TableWrite | None = None,
+    max_rows_per_file: int = 0,
 ) -> DataFrame:
-    """``prices`` plus ``vol_moving_avg`` and ``adj_close_rolling_med`` over ``window`` rows each.
+    """``prices`` plus ``vol_moving_avg`` and ``adj_close_rolling_med`` over ``window`` rows each
+    (or, with ``target``, the files they were written to: see ``FeaturesTask``).
 
-    With ``shuffle=False`` the caller guarantees every symbol's rows are in one partition.
+    With ``shuffle=False`` the caller guarantees every symbol's rows are in one partition (the
+    symbols in ``skip`` aside, which are left out).
     """
     rows = prices.select(*(F.col(f.name).cast(f.dataType) for f in PRICES_SCHEMA))
     if shuffle:
         rows = rows.repartition(SYMBOL)
-    features = rolling_udf(window, median)(SYMBOL, DATE, VOLUME, ADJ_CLOSE)
-    return (
-        rows.sortWithinPartitions(SYMBOL, DATE)
-        .withColumn(_STRUCT, features)
-        .select(
-            *PRICES_SCHEMA.names,
-            *(F.col(f"{_STRUCT}.{name}").alias(name) for name in FEATURE_COLUMNS),
-        )
-    )
+    task = FeaturesTask(window, median, skip, target, max_rows_per_file)
+    return rows.mapInArrow(task, FEATURES_SCHEMA if target is None else WRITTEN_SCHEMA)
 
 
 def partition_spread(prices: DataFrame) -> tuple[list[str], int]:
@@ -254,25 +235,30 @@ def partition_spread(prices: DataFrame) -> tuple[list[str], int]:
     return sorted(row[SYMBOL] for row in spread if row["first"] != row["last"]), len(spread)
 
 
-def compute_features(prices: DataFrame, window: int, median: str) -> tuple[DataFrame, dict]:
-    """Features of ``prices``, shuffling only the symbols split across partitions; and how.
+def compute_features(
+    prices: DataFrame, window: int, median: str, target: TableWrite | None = None
+) -> tuple[DataFrame, dict]:
+    """Features of ``prices`` (or the files they were written to, given a ``target``),
+    shuffling only the symbols split across partitions; and how.
 
     ``prices`` must be one fixed snapshot (a pinned Delta version): the partition check and the
     computation read the same files with the same partitioning.
     """
     split, symbols = partition_spread(prices)
     how = {"symbols": symbols, "symbols_shuffled": len(split)}
+    max_rows = int(prices.sparkSession.conf.get("spark.sql.files.maxRecordsPerFile", "0"))
+    options = {"target": target, "max_rows_per_file": max_rows}
     if not split:
-        return add_rolling_features(prices, window, median, shuffle=False), how
+        return add_rolling_features(prices, window, median, shuffle=False, **options), how
     if len(split) == symbols:
-        return add_rolling_features(prices, window, median, shuffle=True), how
-    # The in-place part reads every row (no filter below it, so its partitions are exactly those the
-    # check saw) and keeps the whole symbols; the split ones are shuffled together by symbol.
-    in_place = add_rolling_features(prices, window, median, shuffle=False).where(
-        ~F.col(SYMBOL).isin(split)
+        return add_rolling_features(prices, window, median, shuffle=True, **options), how
+    # The in-place part reads every row (no filter below it, so its partitions are exactly those
+    # the check saw) and leaves the split symbols out; those are shuffled together by symbol.
+    in_place = add_rolling_features(
+        prices, window, median, shuffle=False, skip=frozenset(split), **options
     )
     shuffled = add_rolling_features(
-        prices.where(F.col(SYMBOL).isin(split)), window, median, shuffle=True
+        prices.where(F.col(SYMBOL).isin(split)), window, median, shuffle=True, **options
     )
     return in_place.unionByName(shuffled), how
 
@@ -292,15 +278,19 @@ def run(spark: SparkSession, config: Config) -> StageSummary:
     started = time.perf_counter()
     prices = read_prices(spark, config)
     rows_in = prices.count()
-    features, how = compute_features(prices, config.window, config.median)
+    target = prepare_write(spark, config.features_path, FEATURES_SCHEMA, config.storage_format)
+    written, how = compute_features(prices, config.window, config.median, target)
     try:
-        write_table(features, config.features_path, config.storage_format)
+        files = written.toPandas()  # one action: the tasks write files, they must run once
     except PythonException as err:
         message = str(err)
         if _BAD_INPUT in message:
             detail = message.split(_BAD_INPUT, 1)[1].splitlines()[0]
             raise FeaturesInputError(f"prices table {config.prices_path}: {detail}") from None
         raise
+    if int(files["rows"].sum()) != rows_in:
+        raise ConservationError(f"features: {files['rows'].sum()} rows written, {rows_in} read")
+    publish(spark, target, sorted(files["file"]))
     rows_out = read_table(spark, config.features_path, config.storage_format).count()
     return StageSummary(
         "features",
