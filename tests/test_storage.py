@@ -197,3 +197,13 @@ def test_a_table_with_other_columns_is_replaced_whole(
     if storage_format == "delta":  # statistics now on the new key column too
         detail = spark.sql(f"DESCRIBE DETAIL delta.`{path}`").first()
         assert detail["properties"]["delta.dataSkippingStatsColumns"] == "`Symbol`,`Date`"
+
+
+def test_a_log_directory_without_commits_is_no_table(spark: SparkSession, tmp_path: Path) -> None:
+    """What a first Delta write that died leaves behind: the next write creates the table."""
+    path = tmp_path / "t"
+    (path / "_delta_log").mkdir(parents=True)
+    with pytest.raises(TableNotFoundError):
+        read_table(spark, path, "delta")
+    write_with_tasks(spark, path, "delta", KEYED_ROWS)
+    assert read_table(spark, path, "delta").count() == len(KEYED_ROWS)

@@ -346,7 +346,12 @@ def table_exists(path: Path, storage_format: str) -> bool:
     _check_format(storage_format)
     path = Path(path)
     if storage_format == "delta":
-        return (path / "_delta_log").is_dir() and not path.is_symlink()
+        # A commit, not just the log directory: a first write that died leaves an empty one.
+        log = path / "_delta_log"
+        return not path.is_symlink() and any(
+            entry.suffix == ".json" or ".checkpoint" in entry.name
+            for entry in (log.iterdir() if log.is_dir() else ())
+        )
     return path.is_symlink() and path.exists()
 
 
