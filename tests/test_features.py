@@ -24,7 +24,6 @@ from stockvol.config import MEDIAN_MODES, Config, apply_overrides
 from stockvol.features import (
     FeaturesInputError,
     add_rolling_features,
-    compute_features,
     features_table,
     run,
 )
@@ -267,23 +266,32 @@ def test_first_window_minus_one_rows_of_each_symbol_are_null(spark: SparkSession
 # ---------------------------------------------------------- the oracle on generated and real data
 
 
-@pytest.mark.parametrize("median", MEDIAN_MODES)
-def test_generated_data_equals_oracle_with_and_without_shuffle(
-    spark: SparkSession, median: str, small_batches: None
+@pytest.mark.parametrize(("median", "fmt"), [("approx", "delta"), ("exact", "parquet")])
+def test_generated_data_equals_oracle_from_files_and_shuffled(
+    spark: SparkSession, config: Config, median: str, fmt: str
 ) -> None:
     lengths = {"A": 1, "B": 29, "C": 30, "D": 31, "E": 200, "F": 75, "G": 64}
     prices = generated_prices(lengths, seed=11)
-    # Whole symbols per slice (the in-place path), except G, whose rows are spread over both slices
-    # (the shuffled path), in shuffled order within each slice.
+    # A table of two files: whole symbols in each (read from the file), except G, whose rows are
+    # in both (shuffled through Spark); rows in shuffled order within each file.
     clustered = prices[prices[SYMBOL] != "G"]
     spread = shuffled(prices[prices[SYMBOL] == "G"], seed=5)
     half = len(spread) // 2
     first = shuffled(pd.concat([clustered[clustered[SYMBOL] <= "C"], spread[:half]]), seed=6)
     second = shuffled(pd.concat([clustered[clustered[SYMBOL] > "C"], spread[half:]]), seed=7)
+    config = with_window(config, 30, median, fmt)
     rows = prices_frame(spark, first, 1).union(prices_frame(spark, second, 1))
-    features, how = compute_features(rows, 30, median)
-    assert how["symbols_shuffled"] >= 1
-    assert_matches_oracle(features, prices, 30, median)
+    write_table(rows, config.prices_path, fmt)
+    summary = run(spark, config)
+    assert (summary.details["files"], summary.details["symbols_shuffled"]) == (2, 1)
+    assert_matches_oracle(read_table(spark, config.features_path, fmt), prices, 30, median)
+
+
+def test_the_dataframe_function_equals_oracle(spark: SparkSession, small_batches: None) -> None:
+    """``add_rolling_features`` on rows that are in no file (7-row Arrow batches)."""
+    prices = generated_prices({"A": 31, "B": 64, "C": 2}, seed=12)
+    got = add_rolling_features(prices_frame(spark, shuffled(prices, seed=1), 3), 30, "exact")
+    assert_matches_oracle(got, prices, 30, "exact")
 
 
 def test_real_sample_through_ingest_equals_oracle_in_both_modes(

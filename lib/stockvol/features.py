@@ -40,11 +40,14 @@ from stockvol.schema import (
 )
 from stockvol.storage import (
     FileWriter,
+    TableFiles,
     TableWrite,
     delta_version,
     prepare_write,
     publish,
+    read_parquet,
     read_table,
+    table_files,
 )
 from stockvol.summary import StageSummary
 
@@ -172,114 +175,147 @@ def features_table(prices: pa.Table, window: int, median: str) -> pa.Table:
     return pa.Table.from_arrays([*prices.columns, *features], schema=FEATURES_ARROW)
 
 
+def _without(prices: pa.Table, skip: frozenset[str]) -> pa.Table:
+    if not skip:
+        return prices
+    return prices.filter(pc.invert(pc.is_in(prices.column(SYMBOL), pa.array(sorted(skip)))))
+
+
+def _written(target: TableWrite, max_rows: int, tables: Iterator[pa.Table]) -> pa.RecordBatch:
+    """Write the features ``tables`` as Parquet files for ``target``: one row per file."""
+    writer = FileWriter(target, max_rows)
+    for table in tables:
+        writer.add(table)
+    files = writer.close()
+    columns = {"file": [f for f, _ in files], "rows": [rows for _, rows in files]}
+    return pa.RecordBatch.from_pydict(columns, WRITTEN_ARROW)
+
+
 @dataclass(frozen=True)
 class FeaturesTask:
-    """The mapInArrow body: one partition's prices rows in (all rows of each of its symbols but
-    those in ``skip``), features out; or, given a ``target``, the features written there as
-    Parquet files and one row per file out (name and rows), so the rows never return to Spark."""
+    """The mapInArrow body over prices rows: all rows of each of the partition's symbols in,
+    features out; or, given a ``target``, the features written there as Parquet files and one
+    row per file out (name and rows), so the rows never return to Spark."""
 
     window: int
     median: str
-    skip: frozenset[str] = frozenset()  # symbols split over partitions: computed elsewhere
     target: TableWrite | None = None
     max_rows_per_file: int = 0  # 0: no limit
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         batches = list(batches)
         prices = pa.Table.from_batches(batches) if batches else _INPUT_ARROW.empty_table()
-        if self.skip:
-            prices = prices.filter(pc.invert(pc.is_in(prices.column(SYMBOL), pa.array(self.skip))))
         features = features_table(prices, self.window, self.median)
         if self.target is None:
             yield from features.to_batches()
-            return
-        writer = FileWriter(self.target, self.max_rows_per_file)
-        writer.add(features)
-        files = writer.close()
-        yield pa.RecordBatch.from_pydict(
-            {"file": [f for f, _ in files], "rows": [rows for _, rows in files]}, WRITTEN_ARROW
+        else:
+            yield _written(self.target, self.max_rows_per_file, iter([features]))
+
+
+@dataclass(frozen=True)
+class FileFeaturesTask:
+    """The mapInArrow body over the paths of the prices table's Parquet files: each file read
+    with pyarrow (the rows never pass through the JVM), its symbols but those in ``skip`` (they
+    have rows in other files) computed, the features written for ``target``; a row per
+    written file out."""
+
+    source: TableFiles
+    window: int
+    median: str
+    target: TableWrite
+    skip: frozenset[str] = frozenset()
+    max_rows_per_file: int = 0
+
+    def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        files = [file for batch in batches for file in batch.column("file").to_pylist()]
+        tables = (
+            features_table(
+                _without(read_parquet(file, self.source.columns), self.skip),
+                self.window,
+                self.median,
+            )
+            for file in files
         )
+        yield _written(self.target, self.max_rows_per_file, tables)
 
 
 def add_rolling_features(
     prices: DataFrame,
     window: int,
     median: str,
-    shuffle: bool = True,
-    skip: frozenset[str] = frozenset(),
     target: TableWrite | None = None,
     max_rows_per_file: int = 0,
 ) -> DataFrame:
-    """``prices`` plus ``vol_moving_avg`` and ``adj_close_rolling_med`` over ``window`` rows each
-    (or, with ``target``, the files they were written to: see ``FeaturesTask``).
-
-    With ``shuffle=False`` the caller guarantees every symbol's rows are in one partition (the
-    symbols in ``skip`` aside, which are left out).
-    """
+    """``prices`` plus ``vol_moving_avg`` and ``adj_close_rolling_med`` over ``window`` rows each,
+    in any order (or, with ``target``, the files they were written to: see ``FeaturesTask``).
+    Rows are shuffled by symbol, so each symbol's rows meet in one task."""
     rows = prices.select(*(F.col(f.name).cast(f.dataType) for f in PRICES_SCHEMA))
-    if shuffle:
-        rows = rows.repartition(SYMBOL)
-    task = FeaturesTask(window, median, skip, target, max_rows_per_file)
-    return rows.mapInArrow(task, FEATURES_SCHEMA if target is None else WRITTEN_SCHEMA)
+    task = FeaturesTask(window, median, target, max_rows_per_file)
+    return rows.repartition(SYMBOL).mapInArrow(
+        task, FEATURES_SCHEMA if target is None else WRITTEN_SCHEMA
+    )
 
 
-def partition_spread(prices: DataFrame) -> tuple[list[str], int]:
-    """Symbols whose rows are spread over more than one partition of ``prices``, and the number of
-    symbols (one cheap pass over the Symbol column; partial aggregation keeps the shuffle tiny)."""
+def file_spread(prices: DataFrame) -> tuple[list[str], int]:
+    """Symbols with rows in more than one file of ``prices``, and the number of symbols (one
+    pass over the Symbol column; partial aggregation keeps the shuffle tiny)."""
     spread = (
-        prices.select(SYMBOL, F.spark_partition_id().alias("partition"))
+        prices.select(SYMBOL, F.input_file_name().alias("file"))
         .groupBy(SYMBOL)
-        .agg(F.min("partition").alias("first"), F.max("partition").alias("last"))
+        .agg(F.min("file").alias("first"), F.max("file").alias("last"))
         .collect()
     )
     return sorted(row[SYMBOL] for row in spread if row["first"] != row["last"]), len(spread)
 
 
-def compute_features(
-    prices: DataFrame, window: int, median: str, target: TableWrite | None = None
+def write_features(
+    prices: DataFrame, source: TableFiles | None, config: Config, target: TableWrite
 ) -> tuple[DataFrame, dict]:
-    """Features of ``prices`` (or the files they were written to, given a ``target``),
-    shuffling only the symbols split across partitions; and how.
+    """The tasks that write the features of ``prices`` for ``target`` (a row per written file),
+    and how the rows get there.
 
-    ``prices`` must be one fixed snapshot (a pinned Delta version): the partition check and the
-    computation read the same files with the same partitioning.
+    When the table's files hold its rows as they are (``source``), each symbol whose rows are in
+    one file is computed from that file read with pyarrow, one file per task; the other symbols
+    (and all of them without ``source``) go through Spark, shuffled by symbol.
     """
-    split, symbols = partition_spread(prices)
-    how = {"symbols": symbols, "symbols_shuffled": len(split)}
-    max_rows = int(prices.sparkSession.conf.get("spark.sql.files.maxRecordsPerFile", "0"))
-    options = {"target": target, "max_rows_per_file": max_rows}
-    if not split:
-        return add_rolling_features(prices, window, median, shuffle=False, **options), how
-    if len(split) == symbols:
-        return add_rolling_features(prices, window, median, shuffle=True, **options), how
-    # The in-place part reads every row (no filter below it, so its partitions are exactly those
-    # the check saw) and leaves the split symbols out; those are shuffled together by symbol.
-    in_place = add_rolling_features(
-        prices, window, median, shuffle=False, skip=frozenset(split), **options
+    spark = prices.sparkSession
+    max_rows = int(spark.conf.get("spark.sql.files.maxRecordsPerFile", "0"))
+    split, symbols = file_spread(prices)
+    if source is None:
+        how = {"symbols": symbols, "symbols_shuffled": symbols}
+        return add_rolling_features(prices, config.window, config.median, target, max_rows), how
+    how = {"symbols": symbols, "symbols_shuffled": len(split), "files": len(source.files)}
+    task = FileFeaturesTask(
+        source, config.window, config.median, target, frozenset(split), max_rows
     )
-    shuffled = add_rolling_features(
-        prices.where(F.col(SYMBOL).isin(split)), window, median, shuffle=True, **options
-    )
-    return in_place.unionByName(shuffled), how
+    paths = spark.createDataFrame([(f,) for f in source.files], "file string")
+    written = paths.repartition(max(len(source.files), 1)).mapInArrow(task, WRITTEN_SCHEMA)
+    if split:
+        rest = prices.where(F.col(SYMBOL).isin(split))
+        written = written.unionByName(
+            add_rolling_features(rest, config.window, config.median, target, max_rows)
+        )
+    return written, how
 
 
-def read_prices(spark: SparkSession, config: Config) -> DataFrame:
-    """The prices table, pinned to its current version when Delta (a concurrent ingest cannot
-    change the files between the partition check and the computation)."""
+def read_prices(spark: SparkSession, config: Config, version: int | None) -> DataFrame:
+    """The prices table, pinned to ``version`` when Delta (a concurrent ingest cannot change the
+    files between the spread check and the computation)."""
     prices = read_table(spark, config.prices_path, config.storage_format)
-    if config.storage_format != "delta":
+    if version is None:
         return prices
-    version = delta_version(spark, config.prices_path)
     return spark.read.format("delta").option("versionAsOf", version).load(str(config.prices_path))
 
 
 def run(spark: SparkSession, config: Config) -> StageSummary:
     """Read ``prices``, add both features, replace the ``features`` table; one summary."""
     started = time.perf_counter()
-    prices = read_prices(spark, config)
+    version = delta_version(spark, config.prices_path)  # None for Parquet
+    prices = read_prices(spark, config, version)
     rows_in = prices.count()
+    source = table_files(spark, config.prices_path, config.storage_format, version)
     target = prepare_write(spark, config.features_path, FEATURES_SCHEMA, config.storage_format)
-    written, how = compute_features(prices, config.window, config.median, target)
+    written, how = write_features(prices, source, config, target)
     try:
         files = written.toPandas()  # one action: the tasks write files, they must run once
     except PythonException as err:

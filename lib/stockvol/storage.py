@@ -8,8 +8,10 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.pandas.types import to_arrow_schema
@@ -273,6 +275,56 @@ def _add_action(file: Path, target: TableWrite, stats_columns: list[str]) -> dic
             "stats": json.dumps(stats),
         }
     }
+
+
+@dataclass(frozen=True)
+class TableFiles:
+    """The data files of one version of a table, readable as plain Parquet files."""
+
+    files: list[str]  # absolute paths or URIs
+    columns: dict[str, str]  # column name -> its name in the files (a Delta physical name)
+
+
+def table_files(
+    spark: SparkSession, path: Path, storage_format: str, version: int | None = None
+) -> TableFiles | None:
+    """The files of the table at ``path`` (Delta: at ``version``, else the latest), or None when
+    they do not hold the table's rows as they are: a Delta table with deletion vectors (rows
+    deleted outside the files) or partition columns (values outside the files)."""
+    path = Path(path)
+    if storage_format == "parquet":
+        files = sorted(str(f) for f in path.resolve().glob("*.parquet"))
+        schema = read_table(spark, path, "parquet").schema
+        return TableFiles(files, {name: name for name in schema.names})
+    version = delta_version(spark, path) if version is None else version
+    none = spark._jvm.scala.Option.apply(None)
+    snapshot = _delta_log(spark, path).getSnapshotAt(version, none, none, False)
+    metadata = snapshot.metadata()
+    if metadata.partitionColumns().nonEmpty():
+        return None
+    added = DataFrame(snapshot.allFiles().toDF(), spark).select("path", "deletionVector").collect()
+    if any(row["deletionVector"] is not None for row in added):
+        return None
+    files = [_absolute(path, unquote(row["path"])) for row in added]
+    fields = json.loads(metadata.schemaString())["fields"]
+    return TableFiles(sorted(files), {f["name"]: _physical_name(f) for f in fields})
+
+
+def _absolute(table: Path, file: str) -> str:
+    """A Delta ``add`` path (relative to the table, or an absolute URI) as one a reader opens."""
+    return file if "://" in file or file.startswith("file:") else str(table / file)
+
+
+def read_parquet(file: str, columns: dict[str, str]) -> pa.Table:
+    """The ``columns`` of one Parquet file (``TableFiles``), under their table names."""
+    if file.startswith("file:"):
+        filesystem, inner = pafs.LocalFileSystem(), urlparse(file).path
+    elif "://" in file:
+        filesystem, inner = pafs.FileSystem.from_uri(file.replace("s3a://", "s3://", 1))
+    else:
+        filesystem, inner = pafs.LocalFileSystem(), file
+    table = pq.read_table(inner, columns=list(columns.values()), filesystem=filesystem)
+    return table.rename_columns(list(columns))
 
 
 def _delta_log(spark: SparkSession, path: Path):  # noqa: ANN202 (a py4j JavaObject)
