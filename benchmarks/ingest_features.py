@@ -77,9 +77,15 @@ def measure(monitor: TreeMonitor, name: str, fn: Any) -> dict[str, Any]:
     """Run ``fn()`` (returning a row count or a StageSummary); its wall and CPU seconds."""
     cpu = monitor.cpu_seconds()
     load = os.getloadavg()[0]
+    run_peak, run_split = monitor.peak, monitor.peak_split
+    monitor.peak = 0  # this step's own peak, then the run's again
     started = time.perf_counter()
     result = fn()
     seconds = time.perf_counter() - started
+    monitor.sample()
+    step_peak, step_split = monitor.peak, monitor.peak_split
+    if run_peak > step_peak:
+        monitor.peak, monitor.peak_split = run_peak, run_split
     rows = result if isinstance(result, int) else result.rows_out
     record = {
         "step": name,
@@ -89,12 +95,15 @@ def measure(monitor: TreeMonitor, name: str, fn: Any) -> dict[str, Any]:
         "rows_per_second": round(rows / seconds) if seconds else None,
         "load_before": round(load, 2),
         "load_after": round(os.getloadavg()[0], 2),
+        "peak_memory_gb": round(step_peak / GB, 2),
+        "peak_memory_split_gb": {k: round(v / GB, 2) for k, v in step_split.items()},
     }
     if not isinstance(result, int):
         record["summary"] = result.line()
     print(
         f"  {name:<22} {seconds:8.1f} s wall {record['cpu_seconds']:8.1f} s CPU "
-        f"{rows:>12,} rows {record['rows_per_second'] or 0:>12,} rows/s",
+        f"{rows:>12,} rows {record['rows_per_second'] or 0:>12,} rows/s "
+        f"peak {record['peak_memory_gb']:.2f} GB",
         flush=True,
     )
     return record
