@@ -23,7 +23,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from pyspark.errors import PythonException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.pandas.types import to_arrow_schema
+from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
 from pyspark.sql.types import LongType, StringType, StructField, StructType
 
 from stockvol.cli import PipelineError
@@ -56,6 +56,7 @@ _INPUT_ARROW = to_arrow_schema(PRICES_SCHEMA)
 # What a writing task returns: one row per Parquet file it wrote.
 WRITTEN_SCHEMA = StructType([StructField("file", StringType()), StructField("rows", LongType())])
 WRITTEN_ARROW = to_arrow_schema(WRITTEN_SCHEMA)
+_FILE_SYMBOLS_ARROW = pa.schema([("file", pa.string()), (SYMBOL, pa.string())])
 MEDIAN_ROWS_PER_STEP = 1 << 16
 # Raised inside a Python worker; run() finds this marker in Spark's error and re-raises it plainly.
 _BAD_INPUT = "features input error: "
@@ -263,16 +264,28 @@ def add_rolling_features(
     )
 
 
-def file_spread(prices: DataFrame) -> tuple[list[str], int]:
-    """Symbols with rows in more than one file of ``prices``, and the number of symbols (one
-    pass over the Symbol column; partial aggregation keeps the shuffle tiny)."""
-    spread = (
-        prices.select(SYMBOL, F.input_file_name().alias("file"))
-        .groupBy(SYMBOL)
-        .agg(F.min("file").alias("first"), F.max("file").alias("last"))
-        .collect()
-    )
-    return sorted(row[SYMBOL] for row in spread if row["first"] != row["last"]), len(spread)
+@dataclass(frozen=True)
+class FileSymbols:
+    """The mapInArrow body over file paths: the distinct symbols of each file (only the Symbol
+    column is read, with pyarrow)."""
+
+    source: TableFiles
+
+    def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        column = {SYMBOL: self.source.columns[SYMBOL]}
+        for batch in batches:
+            for file in batch.column("file").to_pylist():
+                symbols = pc.unique(read_parquet(file, column).column(SYMBOL).combine_chunks())
+                yield pa.RecordBatch.from_pydict(
+                    {"file": [file] * len(symbols), SYMBOL: symbols}, _FILE_SYMBOLS_ARROW
+                )
+
+
+def file_spread(files: DataFrame, source: TableFiles) -> tuple[list[str], int]:
+    """Symbols with rows in more than one of the table's files, and the number of symbols."""
+    symbols = files.mapInArrow(FileSymbols(source), from_arrow_schema(_FILE_SYMBOLS_ARROW))
+    files_per_symbol = symbols.toPandas().groupby(SYMBOL)["file"].nunique()
+    return sorted(files_per_symbol.index[files_per_symbol > 1]), len(files_per_symbol)
 
 
 def write_features(
@@ -287,16 +300,17 @@ def write_features(
     """
     spark = prices.sparkSession
     max_rows = int(spark.conf.get("spark.sql.files.maxRecordsPerFile", "0"))
-    split, symbols = file_spread(prices)
     if source is None:
-        how = {"symbols": symbols, "symbols_shuffled": symbols}
+        how = {"symbols_shuffled": "all"}
         return add_rolling_features(prices, config.window, config.median, target, max_rows), how
+    paths = spark.createDataFrame([(f,) for f in source.files], "file string")
+    paths = paths.repartition(max(len(source.files), 1))  # a file per task
+    split, symbols = file_spread(paths, source)
     how = {"symbols": symbols, "symbols_shuffled": len(split), "files": len(source.files)}
     task = FileFeaturesTask(
         source, config.window, config.median, target, frozenset(split), max_rows
     )
-    paths = spark.createDataFrame([(f,) for f in source.files], "file string")
-    written = paths.repartition(max(len(source.files), 1)).mapInArrow(task, WRITTEN_SCHEMA)
+    written = paths.mapInArrow(task, WRITTEN_SCHEMA)
     if split:
         rest = prices.where(F.col(SYMBOL).isin(split))
         written = written.unionByName(
