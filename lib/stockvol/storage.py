@@ -370,14 +370,17 @@ def _table_properties(columns: list[str]) -> dict[str, str]:
 def _set_properties(spark: SparkSession, path: Path, properties: dict[str, str]) -> bool:
     """Give an existing table these properties (a write's options only set them on creation);
     a table that has them already gets no extra commit. Returns False if the statistics
-    property names a column the table does not have yet (it is then left for after the write)."""
-    from delta.tables import DeltaTable
+    property names a column the table does not have yet (it is then left for after the write).
 
-    table = DeltaTable.forPath(spark, str(path))
-    current = table.detail().first()["properties"]
+    Reads the table's metadata from its Delta log: ``DeltaTable.detail()`` gives the same but
+    took 14 s in a fresh JVM (it also sums the sizes of all files)."""
+    metadata = _delta_log(spark, path).startTransaction().metadata()
+    to_java = spark._jvm.scala.jdk.javaapi.CollectionConverters
+    current = dict(to_java.asJava(metadata.configuration()))
+    columns = {f["name"] for f in json.loads(metadata.schemaString())["fields"]}
     changed = {k: v for k, v in properties.items() if current.get(k) != v}
     keys = [name for name in STATS_COLUMNS if f"`{name}`" in changed.get(_STATS_PROPERTY, "")]
-    complete = set(keys) <= set(table.toDF().columns)
+    complete = set(keys) <= columns
     if not complete:
         del changed[_STATS_PROPERTY]
     if changed:
