@@ -35,6 +35,7 @@ from stockvol.raw_csv import (
     REASON,
     REASONS,
     SOURCE_FILE,
+    constant,
     padded_table,
     parse_file,
     reject_repeated_dates,
@@ -120,13 +121,18 @@ def security_names(meta: pd.DataFrame) -> dict[str, str]:
     return dict(zip(names["NASDAQ Symbol"], names["Security Name"].str.strip(), strict=True))
 
 
+def all_kept(table: pa.Table) -> bool:
+    """True when no row of a parsed file is rejected."""
+    return table.column(REASON).null_count == len(table)
+
+
 def price_rows(table: pa.Table, security_name: str | None) -> pa.Table:
     """A parsed file's good rows in the prices contract: exact columns, names, types, order."""
-    good = table.filter(pc.is_null(table.column(REASON)))
+    good = table if all_kept(table) else table.filter(pc.is_null(table.column(REASON)))
     n = len(good)
     columns = {
         SYMBOL: good.column(SYMBOL),
-        SECURITY_NAME: pa.array([security_name] * n, pa.string()),
+        SECURITY_NAME: constant(security_name, n),
         DATE: good.column(DATE),
         **{name: good.column(typed(name)) for name in (*PRICE_COLUMNS, VOLUME)},
     }
@@ -144,13 +150,13 @@ def reject_rows(table: pa.Table) -> pa.Table:
 
 def file_counts(table: pa.Table, source_file: str) -> pa.Table:
     """One row per reason found in a parsed file (null: kept), with how many rows."""
-    counts = table.group_by(REASON).aggregate([(LINE, "count")])
-    n = len(counts)
-    columns = {
-        SOURCE_FILE: pa.array([source_file] * n, pa.string()),
-        REASON: counts.column(REASON),
-        ROWS: counts.column(f"{LINE}_count").cast(pa.int64()),
-    }
+    if len(table) and all_kept(table):  # the usual file: no grouping needed
+        reasons, rows = pa.nulls(1, pa.string()), pa.array([len(table)], pa.int64())
+    else:
+        counts = table.group_by(REASON).aggregate([(LINE, "count")])
+        reasons, rows = counts.column(REASON), counts.column(f"{LINE}_count").cast(pa.int64())
+    n = len(reasons)
+    columns = {SOURCE_FILE: constant(source_file, n), REASON: reasons, ROWS: rows}
     return padded_table(columns, n, RESULT_ARROW)
 
 
