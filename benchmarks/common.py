@@ -331,6 +331,22 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def cpu_probe(repeats: int = 3) -> float:
+    """Seconds for a fixed single-threaded numpy workload (best of ``repeats``), before and after
+    a benchmark: on a shared host the same code ran 1.5 to 2 times slower for minutes at a time,
+    and figures taken then say so. docs/benchmarks.md gives its value on a normal day."""
+    import numpy as np
+
+    values = np.random.default_rng(0).random(16_000_000)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.process_time()
+        np.sort(values)
+        np.partition(values.reshape(-1, 40), 20, axis=1)
+        best = min(best, time.process_time() - started)
+    return round(best, 3)
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 

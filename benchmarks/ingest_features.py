@@ -29,7 +29,7 @@ import psutil
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.append(str(BENCH_DIR))  # `common` and `baselines` beside this file
 
-from common import Sampler, machine_info, now_iso, tree_memory, write_json  # noqa: E402
+from common import Sampler, cpu_probe, machine_info, now_iso, tree_memory, write_json  # noqa: E402
 
 from stockvol.config import DEFAULT_CONFIG, load_config  # noqa: E402
 
@@ -177,8 +177,13 @@ def main(argv: list[str] | None = None) -> int:
         "started": now_iso(),
         "engine": args.engine,
         "machine": machine_info(),
+        "cpu_probe_before_seconds": cpu_probe(),
     }
-    print(f"{args.engine} ingest + features on {args.data_dir} at {result['started']}", flush=True)
+    print(
+        f"{args.engine} ingest + features on {args.data_dir} at {result['started']} "
+        f"(CPU probe {result['cpu_probe_before_seconds']:.3f} s)",
+        flush=True,
+    )
     with TreeMonitor() as monitor:
         started = time.perf_counter()
         cpu = monitor.cpu_seconds()
@@ -196,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             "peak_rss_bytes": monitor.peak,
             "peak_split_bytes": {k: monitor.peak_split.get(k, 0) for k in ("jvm", "python")},
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
+            "cpu_probe_after_seconds": cpu_probe(),
         }
     )
     for key, value in result.get("spark_conf", {}).items():
@@ -204,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         f"total {total:.1f} s wall (stages {stage_seconds:.1f} s), {total_cpu:.1f} s CPU, "
         f"{rows:,} rows, peak memory {monitor.peak / GB:.2f} GB (JVM "
         f"{result['peak_split_bytes']['jvm'] / GB:.2f}, Python "
-        f"{result['peak_split_bytes']['python'] / GB:.2f}), load {os.getloadavg()[0]:.1f}",
+        f"{result['peak_split_bytes']['python'] / GB:.2f}), load {os.getloadavg()[0]:.1f}, "
+        f"CPU probe {result['cpu_probe_after_seconds']:.3f} s",
         flush=True,
     )
     if args.json:

@@ -40,6 +40,7 @@ sys.path.append(str(BENCH_DIR))  # `common` and the stage benchmarks beside this
 
 from common import (  # noqa: E402
     Measured,
+    cpu_probe,
     gib,
     machine_info,
     now_iso,
@@ -791,7 +792,10 @@ def bench(args: argparse.Namespace) -> int:
     for scale in scales:
         label = "given raw data" if scale is None else f"scale {scale.factor:g} ({scale.key})"
         print(f"\n== {label}", flush=True)
+        probe = cpu_probe()
         entry = run_scale(scale, args, stages, defaults_file, master)
+        entry["cpu_probe_seconds"] = [probe, cpu_probe()]  # before and after: the host's speed
+        print(f"  CPU probe {probe:.3f} s before, {entry['cpu_probe_seconds'][1]:.3f} s after")
         results["scales"].append(entry)
         failed |= any(r["status"] == "failed" for r in entry["stages"])
         write_json(out, results)  # after every size: an interrupted sweep keeps what it measured
