@@ -192,15 +192,23 @@ def test_a_missing_raw_folder_is_a_clear_error(spark: SparkSession, tmp_path: Pa
         run(spark, Config(data_dir=tmp_path))
 
 
-@pytest.mark.parametrize(("max_rows", "sizes"), [(0, [14]), (2, [2] * 7), (5, [5, 5, 4])])
+@pytest.mark.parametrize(
+    ("max_rows", "rows_per_file", "sizes"),
+    [
+        (0, 1 << 21, [14]),
+        (2, 1 << 21, [2] * 7),
+        (5, 1 << 21, [5, 5, 4]),
+        (0, 5, [7, 7]),  # a new file once 5 rows are written, between whole tables: 3+4, then 7
+    ],
+)
 def test_staged_files_hold_every_row_once_within_the_file_limit(
-    tmp_path: Path, max_rows: int, sizes: list[int]
+    tmp_path: Path, max_rows: int, rows_per_file: int, sizes: list[int]
 ) -> None:
     schema = pa.schema([("x", pa.int64())])
     target = TableWrite(
         tmp_path / "t", "parquet", from_arrow_schema(schema), tmp_path / "t", "part-", schema, False
     )
-    writer = FileWriter(target, max_rows)
+    writer = FileWriter(target, max_rows, rows_per_file)
     for n in (3, 4, 0, 7):
         writer.add(pa.table({"x": pa.array(range(n), pa.int64())}, schema=schema))
     files = [path for path, _ in writer.close()]

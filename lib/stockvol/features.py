@@ -88,23 +88,17 @@ def window_features(
     adj_close: np.ndarray,
     window: int,
     median: str,
-    first_position: int = 0,
-    skip: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rolling mean of ``volume`` and median of ``adj_close`` over runs of rows, vectorised.
 
-    ``new_run[i]`` is True where row ``i`` starts a new symbol (row 0 always starts a run, at
-    position ``first_position`` of its symbol). The first ``skip`` rows only give history (rows
-    carried over from the previous batch). Returns ``(valid, mean, med)`` for the other rows:
-    ``valid`` marks rows with ``window`` rows of their symbol ending there; ``mean`` and ``med``
-    hold one value per valid row, in row order.
+    ``new_run[i]`` is True where row ``i`` starts a new symbol (row 0 always does). Returns
+    ``(valid, mean, med)``: ``valid`` marks rows with ``window`` rows of their symbol ending
+    there; ``mean`` and ``med`` hold one value per valid row, in row order.
     """
-    n = len(volume)
-    index = np.arange(n)
+    index = np.arange(len(volume))
     run_start = np.maximum.accumulate(np.where(new_run, index, 0))
-    position = index - run_start + np.where(run_start == 0, first_position, 0)
-    valid = position[skip:] >= window - 1
-    ends = np.flatnonzero(valid) + skip
+    valid = index - run_start >= window - 1
+    ends = np.flatnonzero(valid)
     if not len(ends):  # also: fewer rows than a window, which sliding_window_view refuses
         return valid, np.empty(0), np.empty(0)
     starts = ends - (window - 1)
