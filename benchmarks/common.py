@@ -131,6 +131,7 @@ class PeakMemory(Sampler):
         self.peak_split: dict[str, int] = {}
         self.max_processes = 0
         self.samples = 0
+        self._cpu: dict[tuple[int, float], float] = {}  # (pid, start time) -> last CPU seconds
 
     def sample(self) -> None:
         """Take one sample now (also called by the thread)."""
@@ -140,6 +141,17 @@ class PeakMemory(Sampler):
         if totals["total"] > self.peak:
             self.peak = totals["total"]
             self.peak_split = totals
+        with contextlib.suppress(psutil.Error):
+            for proc in [self.root, *self.root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    times = proc.cpu_times()
+                    self._cpu[(proc.pid, proc.create_time())] = times.user + times.system
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds of every process seen in the tree, as last sampled. Unlike the kernel's
+        count of reaped children this includes Python workers that are never waited for (the
+        PySpark daemon's children when the JVM stops), which that count missed."""
+        return sum(self._cpu.values())
 
 
 class Timer:
@@ -220,8 +232,9 @@ def run_measured(
     ends the JVM and its workers too, never anything else.
     """
     load_before = os.getloadavg()[0]
-    # CPU of every descendant that was waited for (JVM, driver, workers): the kernel adds a reaped
-    # child's time, and what it had of its own reaped children, to its parent's RUSAGE_CHILDREN.
+    # CPU of every descendant that was waited for (JVM, driver): the kernel adds a reaped child's
+    # time, and what it had of its own reaped children, to its parent's RUSAGE_CHILDREN. Python
+    # workers are often never waited for, so the sampler's per-process count is used when larger.
     usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     lines: list[str] = []
     log = log_path.open("w", buffering=1) if log_path else None  # line-buffered: tail -f works
@@ -261,7 +274,8 @@ def run_measured(
             log.close()
     seconds = time.perf_counter() - clock
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (usage.ru_utime + usage.ru_stime) - (usage_before.ru_utime + usage_before.ru_stime)
+    reaped = (usage.ru_utime + usage.ru_stime) - (usage_before.ru_utime + usage_before.ru_stime)
+    cpu = max(reaped, memory.cpu_seconds())
     return Measured(
         command=list(command),
         returncode=proc.returncode,
