@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from chispa import assert_df_equality
 from pyspark.sql import SparkSession
@@ -20,6 +21,7 @@ from stockvol.storage import (
     prepare_write,
     publish,
     read_table,
+    table_files,
     write_table,
 )
 
@@ -207,3 +209,17 @@ def test_a_log_directory_without_commits_is_no_table(spark: SparkSession, tmp_pa
         read_table(spark, path, "delta")
     write_with_tasks(spark, path, "delta", KEYED_ROWS)
     assert read_table(spark, path, "delta").count() == len(KEYED_ROWS)
+
+
+@pytest.mark.parametrize("storage_format", ["delta", "parquet"])
+def test_tasks_get_absolute_paths_for_a_relative_table_path(
+    spark: SparkSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, storage_format: str
+) -> None:
+    """Executors do not share the driver's current directory (a standalone worker runs in its
+    work directory), so what they write to and read from must not be relative."""
+    monkeypatch.chdir(tmp_path)
+    target = write_with_tasks(spark, Path("lake/t"), storage_format, KEYED_ROWS)
+    assert target.directory.is_absolute() and target.path == tmp_path / "lake" / "t"
+    source = table_files(spark, Path("lake/t"), storage_format)
+    assert source is not None and all(Path(f).is_absolute() for f in source.files)
+    assert sum(pq.read_metadata(f).num_rows for f in source.files) == len(KEYED_ROWS)

@@ -97,7 +97,9 @@ def prepare_write(
     columns differ gets the files staged aside and copied by Spark with the new schema.
     """
     _check_format(storage_format)
-    path = Path(path)
+    # Absolute, as Spark's own writers make a path on the driver: executors run elsewhere (a
+    # standalone worker's current directory is its work directory).
+    path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     arrow = to_arrow_schema(schema)
     staged = TableWrite(path, storage_format, schema, new_staging_dir(path), "part-", arrow, False)
@@ -304,7 +306,7 @@ def table_files(
     """The files of the table at ``path`` (Delta: at ``version``, else the latest), or None when
     they do not hold the table's rows as they are: a Delta table with deletion vectors (rows
     deleted outside the files) or partition columns (values outside the files)."""
-    path = Path(path)
+    path = Path(path).absolute()  # the files are opened by executors (see prepare_write)
     if storage_format == "parquet":
         files = sorted(str(f) for f in path.resolve().glob("*.parquet"))
         schema = read_table(spark, path, "parquet").schema
