@@ -20,6 +20,7 @@ from stockvol.storage import (
     delta_version,
     prepare_write,
     publish,
+    read_parquet,
     read_table,
     table_files,
     write_table,
@@ -223,3 +224,18 @@ def test_tasks_get_absolute_paths_for_a_relative_table_path(
     source = table_files(spark, Path("lake/t"), storage_format)
     assert source is not None and all(Path(f).is_absolute() for f in source.files)
     assert sum(pq.read_metadata(f).num_rows for f in source.files) == len(KEYED_ROWS)
+
+
+def test_table_files_open_by_plain_path_and_file_uri_even_with_a_hash(
+    spark: SparkSession, tmp_path: Path
+) -> None:
+    """Spark lists ``file:/...`` paths, Delta gives plain ones; a ``#`` (as in ``CARR#``) is part
+    of a file name there, not a URI fragment."""
+    path = tmp_path / "CARR#" / "t"
+    write_with_tasks(spark, path, "parquet", KEYED_ROWS)
+    source = table_files(spark, path, "parquet")
+    assert source is not None
+    for file in source.files:
+        plain = read_parquet(file, source.columns)
+        assert plain.equals(read_parquet(f"file:{file}", source.columns))
+    assert sum(len(read_parquet(f, source.columns)) for f in source.files) == len(KEYED_ROWS)

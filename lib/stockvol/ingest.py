@@ -22,7 +22,6 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
@@ -51,7 +50,14 @@ from stockvol.schema import (
     SYMBOL,
     VOLUME,
 )
-from stockvol.storage import FileWriter, TableWrite, prepare_write, publish, read_table
+from stockvol.storage import (
+    FileWriter,
+    TableWrite,
+    open_path,
+    prepare_write,
+    publish,
+    read_table,
+)
 from stockvol.summary import StageSummary
 
 FOLDERS = ("stocks", "etfs")  # also the duplicate rule: a date in stocks/ wins over etfs/
@@ -208,9 +214,7 @@ class IngestTask:
 
 def read_bytes(path: str) -> bytes:
     """A file's bytes, from the path Spark's file listing gives (``file:/...``, ``s3a://...``)."""
-    if path.startswith("file:"):
-        return Path(path.removeprefix("file:")).read_bytes()
-    filesystem, inner = pafs.FileSystem.from_uri(path.replace("s3a://", "s3://", 1))
+    filesystem, inner = open_path(path)
     with filesystem.open_input_stream(inner) as stream:
         return stream.read()
 

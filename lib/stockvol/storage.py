@@ -8,7 +8,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -330,14 +330,20 @@ def _absolute(table: Path, file: str) -> str:
     return file if "://" in file or file.startswith("file:") else str(table / file)
 
 
+def open_path(path: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and path for a path that Spark or Delta gives: local (plain or
+    ``file:/...``; taken as it is, so a ``#`` in a name is no URI fragment) or a URI of any
+    filesystem pyarrow knows (``s3a://`` read as ``s3://``)."""
+    if path.startswith("file:"):
+        return pafs.LocalFileSystem(), path.removeprefix("file:")
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path.replace("s3a://", "s3://", 1))
+    return pafs.LocalFileSystem(), path
+
+
 def read_parquet(file: str, columns: dict[str, str]) -> pa.Table:
     """The ``columns`` of one Parquet file (``TableFiles``), under their table names."""
-    if file.startswith("file:"):
-        filesystem, inner = pafs.LocalFileSystem(), urlparse(file).path
-    elif "://" in file:
-        filesystem, inner = pafs.FileSystem.from_uri(file.replace("s3a://", "s3://", 1))
-    else:
-        filesystem, inner = pafs.LocalFileSystem(), file
+    filesystem, inner = open_path(file)
     table = pq.read_table(inner, columns=list(columns.values()), filesystem=filesystem)
     return table.rename_columns(list(columns))
 
