@@ -128,8 +128,7 @@ def _fail(message: str) -> None:
 
 def _check_keys(prices: pa.Table) -> None:
     for name in (SYMBOL, DATE, VOLUME, ADJ_CLOSE):
-        if prices.column(name).null_count:
-            count = prices.column(name).null_count
+        if count := prices.column(name).null_count:
             _fail(f"{count} null {name} value(s); ingest must reject such rows")
     if pc.any(pc.is_nan(prices.column(ADJ_CLOSE))).as_py():
         _fail(f"NaN {ADJ_CLOSE} value(s); ingest must reject such rows")
