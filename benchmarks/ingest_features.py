@@ -17,19 +17,16 @@ load average; ``--json`` also writes them. A script, not a test: figures depend 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.append(str(BENCH_DIR))  # `common` and `baselines` beside this file
 
-from common import Sampler, cpu_probe, machine_info, now_iso, tree_memory, write_json  # noqa: E402
+from common import PeakMemory, cpu_probe, machine_info, now_iso, write_json  # noqa: E402
 
 from stockvol.config import DEFAULT_CONFIG, load_config  # noqa: E402
 
@@ -49,28 +46,16 @@ SHOWN_CONF = (
 )
 
 
-class TreeMonitor(Sampler):
-    """Samples this process tree: peak summed RSS, and CPU seconds (also of workers that exited)."""
+class TreeMonitor(PeakMemory):
+    """``PeakMemory`` of this process tree (this Python, the driver JVM, the Python workers or
+    joblib's processes), whose CPU seconds are sampled afresh when asked for."""
 
     def __init__(self, interval: float = 0.2) -> None:
-        super().__init__(interval, "tree-monitor")
-        self.root = psutil.Process()
-        self.peak = 0
-        self.peak_split: dict[str, int] = {}
-        self._cpu: dict[tuple[int, float], float] = {}  # (pid, start time) -> last CPU seconds
-
-    def sample(self) -> None:
-        totals = tree_memory(self.root)
-        if totals["total"] > self.peak:
-            self.peak, self.peak_split = totals["total"], totals
-        for proc in [self.root, *self.root.children(recursive=True)]:
-            with contextlib.suppress(psutil.Error):
-                times = proc.cpu_times()
-                self._cpu[(proc.pid, proc.create_time())] = times.user + times.system
+        super().__init__(os.getpid(), interval)
 
     def cpu_seconds(self) -> float:
         self.sample()
-        return sum(self._cpu.values())
+        return super().cpu_seconds()
 
 
 def measure(monitor: TreeMonitor, name: str, fn: Any) -> dict[str, Any]:
