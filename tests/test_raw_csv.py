@@ -10,7 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stockvol.raw_csv import HEADER, PARSED_SCHEMA, parse_file, reject_repeated_dates
+from stockvol.raw_csv import (
+    HEADER,
+    PARSED_SCHEMA,
+    good_files,
+    parse_file,
+    reject_repeated_dates,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "kaggle-sample"
 TODAY = date(2026, 11, 26)
@@ -184,3 +190,48 @@ def test_a_date_an_earlier_file_kept_is_rejected_in_the_later_one() -> None:
                 kept.add(day)
     assert sum(t.column("reason").null_count for t in marked) == len(kept)
     assert any("duplicate_date" in t.column("reason").to_pylist() for t in marked)
+
+
+def test_good_files_keeps_exactly_the_files_whose_every_line_is_good() -> None:
+    """``good_files`` checks many files at once; each file's verdict and values must be what
+    ``parse_file`` says of it alone. A file it does not keep (None) is classified line by line:
+    it may still be all good (a Volume spelled 806400.0), but a file with any reject never
+    passes. Dates restart in each file: only order within a file counts."""
+    real = [(FIXTURES / name).read_bytes() for name in ("stocks/KO.csv", "etfs/VSGX.csv")]
+    lines = {
+        "good": GOOD,
+        "earlier_dates": b"2019-05-01,1,2,0.5,1.5,1.4,7\n2019-05-02,1,2,0.5,1.5,1.4,8",
+        "no_such_day": b"2020-02-30,1,2,0.5,1.5,1.4,100",
+        "repeated": GOOD + b"\n" + GOOD,
+        "negative": b"2020-01-02,1,2,0.5,1.5,1.4,-1",
+        "infinite": b"2020-01-02,1,inf,0.5,1.5,1.4,1",
+        "empty_value": b"2020-01-02,1,,0.5,1.5,1.4,1",
+        "future": b"2026-11-27,1,2,0.5,1.5,1.4,1",
+        "whole_float_volume": b"2020-01-02,1,2,0.5,1.5,1.4,806400.0",
+        "short_line": b"2020-01-02,1,2",
+    }
+    contents = [HEADER + b"\n" + body + b"\n" for body in lines.values()]
+    contents += [*real, b"", HEADER + b"\n", b"Date,Open\n1,2\n", b"\xef\xbb\xbf" + contents[0]]
+    verdicts = good_files(contents, TODAY)
+    assert len(verdicts) == len(contents)
+    kept = [name for name, rows in zip(lines, verdicts, strict=False) if rows is not None]
+    assert kept == ["good", "earlier_dates"]
+    assert verdicts[-1] is not None  # the byte order mark is not part of the header
+    for content, rows in zip(contents, verdicts, strict=True):
+        frame = parse(content)
+        if rows is None:
+            continue
+        assert frame["reason"].isna().all() and len(frame) == rows.num_rows
+        assert rows.column("Date").to_pylist() == frame["Date"].tolist()
+        for column in ("Open", "High", "Low", "Close", "Adj Close", "Volume"):
+            np.testing.assert_array_equal(rows.column(column).to_numpy(), frame[f"_{column}"])
+
+
+def test_a_day_that_does_not_exist_fails_only_its_own_file() -> None:
+    bad = HEADER + b"\n2021-02-29,1,2,0.5,1.5,1.4,100\n"
+    good = HEADER + b"\n" + GOOD + b"\n"
+    assert [rows is not None for rows in good_files([good, bad, good], TODAY)] == [
+        True,
+        False,
+        True,
+    ]

@@ -17,8 +17,10 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -35,6 +37,7 @@ from stockvol.raw_csv import (
     REASONS,
     SOURCE_FILE,
     constant,
+    good_files,
     padded_table,
     parse_file,
     reject_repeated_dates,
@@ -64,6 +67,9 @@ FOLDERS = ("stocks", "etfs")  # also the duplicate rule: a date in stocks/ wins 
 META_FILE = "symbols_valid_meta.csv"
 PRICES_ARROW = to_arrow_schema(PRICES_SCHEMA)
 REJECTS_ARROW = to_arrow_schema(REJECTS_SCHEMA)
+# A task parses the files of single-file symbols this many bytes at a time: their checks run
+# once per batch (raw_csv.good_files), and a batch's rows stay a small part of a row group.
+BATCH_BYTES = 16 << 20
 # Tasks per core: enough to even out files of different sizes, few enough to write large files.
 TASKS_PER_CORE = 4
 
@@ -145,6 +151,20 @@ def price_rows(table: pa.Table, security_name: str | None) -> pa.Table:
     return pa.table([columns[f.name] for f in PRICES_ARROW], schema=PRICES_ARROW)
 
 
+def good_price_rows(
+    rows: pa.Table, symbols: list[str], sizes: list[int], names: dict[str, str]
+) -> pa.Table:
+    """Typed rows of whole files, all good (``raw_csv.good_files``), in the prices contract:
+    ``sizes[i]`` rows of ``symbols[i]`` after one another."""
+    which = np.repeat(np.arange(len(symbols)), sizes)
+    columns = {
+        SYMBOL: pa.array(symbols, pa.string()).take(which),
+        SECURITY_NAME: pa.array([names.get(s) for s in symbols], pa.string()).take(which),
+        **{name: rows.column(name) for name in (DATE, *PRICE_COLUMNS, VOLUME)},
+    }
+    return pa.table([columns[f.name] for f in PRICES_ARROW], schema=PRICES_ARROW)
+
+
 def reject_rows(table: pa.Table) -> pa.Table:
     """A parsed file's rejected rows with their file, line, raw values and reason."""
     return (
@@ -196,20 +216,80 @@ class IngestTask:
                 by_symbol[symbol_of(source_file)].append((source_file, path))
         prices = FileWriter(self.prices, self.max_rows_per_file)
         rejects = FileWriter(self.rejects, self.max_rows_per_file)
-        for symbol, files in sorted(by_symbol.items()):
-            files.sort(key=lambda file: (FOLDERS.index(file[0].split("/")[0]), file[0]))
+        today = date.today()
+        single: list[tuple[str, bytes]] = []  # symbols in one file, in order, read not parsed
+        single_bytes = 0
+        for _, files in sorted(by_symbol.items()):
+            if len(files) == 1:
+                source_file, path = files[0]
+                single.append((source_file, read_bytes(path)))
+                single_bytes += len(single[-1][1])
+                if single_bytes >= BATCH_BYTES:
+                    yield from self._single_files(single, prices, rejects, today)
+                    single, single_bytes = [], 0
+                continue
+            yield from self._single_files(single, prices, rejects, today)
+            single, single_bytes = [], 0
             # A symbol in several files: a later file may repeat a date, and that row's reject
             # must keep the text the file had.
-            several = len(files) > 1
-            tables = [parse_file(read_bytes(path), name, keep_text=several) for name, path in files]
-            if several:
-                tables = reject_repeated_dates(tables)
-            for (source_file, _), table in zip(files, tables, strict=True):
-                prices.add(price_rows(table, self.names.get(symbol)))
-                rejects.add(reject_rows(table))
-                yield from file_counts(table, source_file).to_batches()
+            files.sort(key=lambda file: (FOLDERS.index(file[0].split("/")[0]), file[0]))
+            tables = [
+                parse_file(read_bytes(path), name, today, keep_text=True) for name, path in files
+            ]
+            for (source_file, _), table in zip(files, reject_repeated_dates(tables), strict=True):
+                yield from self._parsed(source_file, table, prices, rejects)
+        yield from self._single_files(single, prices, rejects, today)
         for name, writer in (("prices", prices), ("rejects", rejects)):
             yield from staged_rows(name, writer).to_batches()
+
+    def _single_files(
+        self,
+        files: list[tuple[str, bytes]],
+        prices: FileWriter,
+        rejects: FileWriter,
+        today: date,
+    ) -> Iterator[pa.RecordBatch]:
+        """Files of symbols that have no other file, in order: runs of all-good files go to
+        prices together, any other file is classified line by line."""
+        good = good_files([content for _, content in files], today)
+        run: list[tuple[str, pa.Table]] = []
+        for (source_file, content), rows in zip(files, good, strict=True):
+            if rows is not None:
+                run.append((source_file, rows))
+                continue
+            yield from self._good_run(run, prices)
+            run = []
+            yield from self._parsed(
+                source_file, parse_file(content, source_file, today), prices, rejects
+            )
+        yield from self._good_run(run, prices)
+
+    def _good_run(
+        self, run: list[tuple[str, pa.Table]], prices: FileWriter
+    ) -> Iterator[pa.RecordBatch]:
+        """All-good files: their rows to prices at once, a count row per file."""
+        if not run:
+            return
+        source_files = [source_file for source_file, _ in run]
+        sizes = [rows.num_rows for _, rows in run]
+        symbols = [symbol_of(source_file) for source_file in source_files]
+        prices.add(
+            good_price_rows(pa.concat_tables([rows for _, rows in run]), symbols, sizes, self.names)
+        )
+        n = len(run)
+        columns = {
+            SOURCE_FILE: pa.array(source_files, pa.string()),
+            ROWS: pa.array(sizes, pa.int64()),
+        }
+        yield from padded_table(columns, n, RESULT_ARROW).to_batches()
+
+    def _parsed(
+        self, source_file: str, table: pa.Table, prices: FileWriter, rejects: FileWriter
+    ) -> Iterator[pa.RecordBatch]:
+        """A file classified line by line: good rows to prices, the others to rejects."""
+        prices.add(price_rows(table, self.names.get(symbol_of(source_file))))
+        rejects.add(reject_rows(table))
+        yield from file_counts(table, source_file).to_batches()
 
 
 def read_bytes(path: str) -> bytes:

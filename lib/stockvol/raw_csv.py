@@ -139,14 +139,7 @@ def parse_file(
     reject them (a date repeated in another file) and must keep what the file said.
     """
     today = today or date.today()
-    if content.startswith(BOM):
-        content = content[len(BOM) :]
-    if b"\r" in content:  # CRLF or CR line ends, as Python's splitlines() and Spark's reader see
-        content = content.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-    try:
-        content.decode("utf-8")
-    except UnicodeDecodeError:  # keep the line, with U+FFFD where a byte was not UTF-8
-        content = content.decode("utf-8", errors="replace").encode("utf-8")
+    content = _normalized(content)
     header, _, body = content.partition(b"\n")
     if not content:
         return PARSED_SCHEMA.empty_table()
@@ -158,9 +151,9 @@ def parse_file(
         return PARSED_SCHEMA.empty_table()
     if not body.endswith(b"\n"):
         body += b"\n"
-    fast = None if keep_text else _all_good(body, source_file, today)  # the usual file
-    if fast is not None:
-        return fast
+    values = None if keep_text else _typed_rows(body)  # the usual file: all lines good
+    if values is not None and all_rows_good([values], today)[0]:
+        return _good_table(values, source_file)
     buffer = np.frombuffer(body, dtype=np.uint8)
     ends = np.flatnonzero(buffer == ord("\n"))
     commas_before_end = np.searchsorted(np.flatnonzero(buffer == ord(",")), ends)
@@ -201,9 +194,44 @@ def _rejected_lines(
     return padded_table(columns, n)
 
 
-def _all_good(body: bytes, source_file: str, today: date) -> pa.Table | None:
-    """Lines that are all good, parsed straight to types (a line that is not 7 fields fails the
-    parse); None if any line is not good."""
+def _normalized(content: bytes) -> bytes:
+    """The text every rule reads: no byte order mark, ``\\n`` line ends (CRLF and CR, as Python's
+    splitlines() and Spark's reader see them), U+FFFD where a byte was not UTF-8."""
+    if content.startswith(BOM):
+        content = content[len(BOM) :]
+    if b"\r" in content:
+        content = content.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    try:
+        content.decode("utf-8")
+    except UnicodeDecodeError:  # keep the line, with U+FFFD where a byte was not UTF-8
+        content = content.decode("utf-8", errors="replace").encode("utf-8")
+    return content
+
+
+def good_files(contents: list[bytes], today: date | None = None) -> list[pa.Table | None]:
+    """Per whole file: its rows typed (``Date`` text, prices float64, ``Volume`` int64, the CSV
+    column names) when it has the Kaggle header and every line is good; None otherwise, for
+    ``parse_file`` to classify line by line. The usual file takes this path.
+
+    Each file is parsed on its own (a bad value fails only its file), but the checks run once
+    over all the files' rows: a dozen Arrow calls per file cost more than parsing it.
+    """
+    today = today or date.today()
+    parsed = []
+    for content in contents:
+        header, _, body = _normalized(content).partition(b"\n")
+        parsed.append(_typed_rows(body) if header == HEADER else None)
+    verdicts = iter(all_rows_good([table for table in parsed if table is not None], today))
+    return [table if table is not None and next(verdicts) else None for table in parsed]
+
+
+def _typed_rows(body: bytes) -> pa.Table | None:
+    """The lines after the header parsed straight to types; None if a line is not 7 fields, a
+    value does not convert or is empty (the careful path then says which rule it breaks)."""
+    if not body:
+        return None
+    if not body.endswith(b"\n"):
+        body += b"\n"
     try:
         table = pacsv.read_csv(
             pa.py_buffer(body),
@@ -211,27 +239,56 @@ def _all_good(body: bytes, source_file: str, today: date) -> pa.Table | None:
             parse_options=_PARSE,
             convert_options=_CONVERT_TYPED,
         ).combine_chunks()
-        pc.cast(table.column(DATE), pa.date32())
     except pa.ArrowInvalid:
         return None
-    if any(column.null_count for column in table.columns):
+    if not table.num_rows or any(column.null_count for column in table.columns):
         return None  # an empty number
-    dates = table.column(DATE)
-    first, last = pc.min_max(dates).values()
-    if first.as_py() < FIRST_DATE or last.as_py() > today.isoformat():
-        return None
-    if not _is_true(pc.greater(dates[1:], dates[:-1])).all():
-        return None  # a repeated date (or lines out of order: the careful path decides)
+    return table
+
+
+def all_rows_good(tables: list[pa.Table], today: date) -> list[bool]:
+    """Per typed table (``_typed_rows``, at least one row each): True if every row keeps every
+    rule: a real date within 1900-01-01..today, later than the row before it, finite prices and
+    a Volume of at least 0."""
+    if not tables:
+        return []
+    sizes = np.array([table.num_rows for table in tables])
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    rows = pa.concat_tables(tables).combine_chunks()
+    dates = rows.column(DATE)
+    ok = _is_true(
+        pc.and_(pc.greater_equal(dates, FIRST_DATE), pc.less_equal(dates, today.isoformat()))
+    )
+    later = np.ones(len(rows), dtype=bool)
+    later[1:] = _is_true(pc.greater(dates[1:], dates[:-1]))
+    later[starts] = True  # a file's first row follows no row of its own
+    ok &= later  # a repeated date, or lines out of order: the careful path decides
     for name in PRICE_COLUMNS:
-        if not _is_true(pc.is_finite(table.column(name))).all():
-            return None
-    if pc.min(table.column(VOLUME)).as_py() < 0:
-        return None
-    n = table.num_rows
+        ok &= _is_true(pc.is_finite(rows.column(name)))
+    ok &= _is_true(pc.greater_equal(rows.column(VOLUME), 0))
+    good = np.logical_and.reduceat(ok, starts)
+    try:
+        pc.cast(dates, pa.date32())  # Arrow's ISO parser: exact shape, real day of the month
+    except pa.ArrowInvalid:  # some file has a date that is no real day: find it
+        good &= [_casts(table.column(DATE), pa.date32()) for table in tables]
+    return good.tolist()
+
+
+def _casts(values: pa.ChunkedArray, to: pa.DataType) -> bool:
+    try:
+        pc.cast(values, to)
+    except pa.ArrowInvalid:
+        return False
+    return True
+
+
+def _good_table(rows: pa.Table, source_file: str) -> pa.Table:
+    """A file's typed rows, all good, as ``PARSED_SCHEMA`` rows (the text columns null)."""
+    n = rows.num_rows
     columns = {
         **_file_columns(source_file, np.arange(2, n + 2)),  # line 1 is the header
-        DATE: dates,
-        **{typed(name): table.column(name) for name in (*PRICE_COLUMNS, VOLUME)},
+        DATE: rows.column(DATE),
+        **{typed(name): rows.column(name) for name in (*PRICE_COLUMNS, VOLUME)},
     }
     return padded_table(columns, n)
 

@@ -226,9 +226,8 @@ class FileWriter:
             self.writer.close()
         os.makedirs(self.target.directory, exist_ok=True)
         path = self.target.new_file()
-        self.writer = pq.ParquetWriter(
-            path, self.target.file_schema, use_dictionary=dictionary_columns(self.target.file_schema)
-        )
+        schema = self.target.file_schema
+        self.writer = pq.ParquetWriter(path, schema, use_dictionary=dictionary_columns(schema))
         self.files.append((path, 0))
 
     def close(self) -> list[tuple[str, int]]:
