@@ -133,7 +133,8 @@ def write_with_tasks(
     abandoned = FileWriter(target)
     abandoned.add(table)
     abandoned.close()
-    publish(spark, target, [file for file, _ in reported.close()])
+    published = publish(spark, target, [file for file, _ in reported.close()])
+    assert published == read_table(spark, target.path, storage_format).count() == len(rows)
     return target
 
 

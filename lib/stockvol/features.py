@@ -342,8 +342,11 @@ def run(spark: SparkSession, config: Config) -> StageSummary:
         raise
     if int(files["rows"].sum()) != rows_in:
         raise ConservationError(f"features: {files['rows'].sum()} rows written, {rows_in} read")
-    publish(spark, target, sorted(files["file"]))
-    rows_out = read_table(spark, config.features_path, config.storage_format).count()
+    rows_out = publish(spark, target, sorted(files["file"]))
+    if rows_out != rows_in:
+        raise ConservationError(
+            f"{config.features_path}: {rows_out} rows published, {rows_in} read"
+        )
     return StageSummary(
         "features",
         rows_in=rows_in,

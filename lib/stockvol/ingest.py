@@ -59,7 +59,6 @@ from stockvol.storage import (
     open_path,
     prepare_write,
     publish,
-    read_table,
 )
 from stockvol.summary import StageSummary
 
@@ -353,8 +352,7 @@ def run(spark: SparkSession, config: Config) -> StageSummary:
         files, rows = staged_files(result, table)
         if rows != want:
             raise ConservationError(f"{table}: {rows} rows staged, {want} counted")
-        publish(spark, target, files)
-        written = read_table(spark, target.path, fmt).count()
+        written = publish(spark, target, files)
         if written != want:
             raise ConservationError(f"{target.path}: {written} rows written, {want} expected")
     header_only = [f for f in found.csv_files if f not in counts.index and f not in found.empty]
