@@ -284,7 +284,29 @@ def test_generated_data_equals_oracle_from_files_and_shuffled(
     write_table(rows, config.prices_path, fmt)
     summary = run(spark, config)
     assert (summary.details["files"], summary.details["symbols_shuffled"]) == (2, 1)
+    assert summary.details["split_symbols_found_by"] == "reading Symbol"
     assert_matches_oracle(read_table(spark, config.features_path, fmt), prices, 30, median)
+
+
+@pytest.mark.parametrize(
+    ("first_symbols", "found_by"),
+    [("ABC", "file statistics"), ("ACE", "reading Symbol")],
+)
+def test_files_whose_symbol_ranges_overlap_are_read_to_find_split_symbols(
+    spark: SparkSession, config: Config, first_symbols: str, found_by: str
+) -> None:
+    """No symbol is in both files. When the files' Symbol ranges (footer statistics) are
+    disjoint that is known without reading them; when they overlap (A-E and B-F) each file's
+    Symbol column is read. Either way nothing is shuffled and the result is the oracle's."""
+    prices = generated_prices(dict.fromkeys("ABCDEF", 40), seed=13)
+    in_first = prices[SYMBOL].isin(list(first_symbols))
+    config = with_window(config, 30, "approx", "parquet")
+    rows = prices_frame(spark, prices[in_first], 1).union(prices_frame(spark, prices[~in_first], 1))
+    write_table(rows, config.prices_path, "parquet")
+    summary = run(spark, config)
+    assert summary.details["split_symbols_found_by"] == found_by
+    assert (summary.details["files"], summary.details["symbols_shuffled"]) == (2, 0)
+    assert_matches_oracle(read_table(spark, config.features_path, "parquet"), prices, 30, "approx")
 
 
 def test_the_dataframe_function_equals_oracle(spark: SparkSession, small_batches: None) -> None:
@@ -304,7 +326,9 @@ def test_real_sample_through_ingest_equals_oracle_in_both_modes(
     prices = real_sample_prices()
     for median in MEDIAN_MODES:
         mode = with_window(config, 30, median)
-        run(spark, mode)
+        summary = run(spark, mode)
+        # Ingest gives each task a range of symbols: no file needs reading to know none is split.
+        assert summary.details["split_symbols_found_by"] == "file statistics"
         assert_matches_oracle(read_table(spark, mode.features_path, "delta"), prices, 30, median)
 
 

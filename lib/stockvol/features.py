@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import pyarrow as pa
@@ -42,6 +43,7 @@ from stockvol.storage import (
     FileWriter,
     TableFiles,
     TableWrite,
+    column_range,
     delta_version,
     prepare_write,
     publish,
@@ -276,11 +278,23 @@ class FileSymbols:
                 )
 
 
-def file_spread(files: DataFrame, source: TableFiles) -> tuple[list[str], int]:
-    """Symbols with rows in more than one of the table's files, and the number of symbols."""
+def file_spread(files: DataFrame, source: TableFiles) -> list[str]:
+    """Symbols with rows in more than one of the table's files (a task reads each file's
+    Symbol column)."""
     symbols = files.mapInArrow(FileSymbols(source), from_arrow_schema(_FILE_SYMBOLS_ARROW))
     files_per_symbol = symbols.toPandas().groupby(SYMBOL)["file"].nunique()
-    return sorted(files_per_symbol.index[files_per_symbol > 1]), len(files_per_symbol)
+    return sorted(files_per_symbol.index[files_per_symbol > 1])
+
+
+def symbol_ranges_disjoint(source: TableFiles) -> bool:
+    """True when the files' Symbol ranges (footer statistics) do not overlap: then no symbol
+    has rows in two files, and no file needs reading to know it. Ingest writes its files so
+    (each task takes a range of symbols, in order); a table written otherwise may not be."""
+    ranges = [column_range(file, source.columns[SYMBOL]) for file in source.files]
+    if any(bounds is None for bounds in ranges):
+        return False
+    ranges.sort()
+    return all(high < low for (_, high), (low, _) in pairwise(ranges))
 
 
 def write_features(
@@ -300,8 +314,13 @@ def write_features(
         return add_rolling_features(prices, config.window, config.median, target, max_rows), how
     paths = spark.createDataFrame([(f,) for f in source.files], "file string")
     paths = paths.repartition(max(len(source.files), 1))  # a file per task
-    split, symbols = file_spread(paths, source)
-    how = {"symbols": symbols, "symbols_shuffled": len(split), "files": len(source.files)}
+    disjoint = symbol_ranges_disjoint(source)
+    split = [] if disjoint else file_spread(paths, source)
+    how = {
+        "files": len(source.files),
+        "split_symbols_found_by": "file statistics" if disjoint else "reading Symbol",
+        "symbols_shuffled": len(split),
+    }
     task = FileFeaturesTask(
         source, config.window, config.median, target, frozenset(split), max_rows
     )

@@ -1,9 +1,9 @@
 """Ingest: every per-symbol CSV in one Spark scan into the typed ``prices`` table, plus ``rejects``.
 
 One Spark file scan (``binaryFile``, content not selected) lists every file of ``raw/stocks``
-and ``raw/etfs``; the paths (not the data) are grouped by symbol over tasks, so the files of a
-symbol that is in both folders meet in one task. Each ``mapInArrow`` task reads its files,
-classifies every line with ``stockvol.raw_csv`` (Arrow's C++ CSV reader), rejects dates a
+and ``raw/etfs``; the paths (not the data) are split by ranges of file names over tasks, so the
+files of a symbol that is in both folders meet in one task. Each ``mapInArrow`` task reads its
+files, classifies every line with ``stockvol.raw_csv`` (Arrow's C++ CSV reader), rejects dates a
 symbol's earlier file already kept, and writes its good rows and its rejects as Parquet files
 with pyarrow into the tables' staging directories. Only one count row per file and reason, and
 one row per staged file, go back to Spark. The driver checks that every line landed in exactly
@@ -302,12 +302,15 @@ def ingest_files(
     spark: SparkSession, raw_dir: Path, task: Callable[[Iterator], Iterator]
 ) -> pd.DataFrame:
     """Every CSV of raw/stocks and raw/etfs, listed by one Spark file scan and handed out to
-    tasks by file name (the same name in both folders is the same symbol); the tasks' result
-    rows, collected (one action: the tasks write files, they must run once)."""
+    tasks by ranges of file names (the same name in both folders is the same symbol); the tasks'
+    result rows, collected (one action: the tasks write files, they must run once)."""
     paths = [str(raw_dir / folder) for folder in FOLDERS if (raw_dir / folder).is_dir()]
     files = spark.read.format("binaryFile").option("pathGlobFilter", "*.csv").load(paths)
     tasks = TASKS_PER_CORE * spark.sparkContext.defaultParallelism
-    by_name = files.select("path").repartition(tasks, F.regexp_extract("path", r"[^/]*$", 0))
+    # A range of file names per task: the files a task writes then hold symbols no other file
+    # holds, which the features job sees from their Symbol statistics without reading them.
+    name = F.regexp_extract("path", r"[^/]*$", 0)
+    by_name = files.select("path").repartitionByRange(tasks, name)
     result = by_name.mapInArrow(task, from_arrow_schema(RESULT_ARROW))
     return result.toPandas()
 

@@ -368,6 +368,26 @@ def read_parquet(file: str, columns: dict[str, str]) -> pa.Table:
     return table.rename_columns(list(columns))
 
 
+def column_range(file: str, column: str) -> tuple[object, object] | None:
+    """The least and greatest value of ``column`` in one Parquet file, from its footer's row
+    group statistics (no data read); None when a row group has none (or only nulls)."""
+    filesystem, inner = open_path(file)
+    with filesystem.open_input_file(inner) as stream:
+        metadata = pq.ParquetFile(stream).metadata
+    index = metadata.schema.to_arrow_schema().get_field_index(column)
+    bounds = []
+    for group in range(metadata.num_row_groups):
+        statistics = metadata.row_group(group).column(index).statistics
+        if metadata.row_group(group).num_rows == 0:
+            continue
+        if statistics is None or not statistics.has_min_max:
+            return None
+        bounds.append((statistics.min, statistics.max))
+    if not bounds:
+        return None
+    return min(low for low, _ in bounds), max(high for _, high in bounds)
+
+
 def _delta_log(spark: SparkSession, path: Path):  # noqa: ANN202 (a py4j JavaObject)
     return spark._jvm.org.apache.spark.sql.delta.DeltaLog.forTable(spark._jsparkSession, str(path))
 
