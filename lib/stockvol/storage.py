@@ -377,9 +377,9 @@ def column_range(file: str, column: str) -> tuple[object, object] | None:
     index = metadata.schema.to_arrow_schema().get_field_index(column)
     bounds = []
     for group in range(metadata.num_row_groups):
-        statistics = metadata.row_group(group).column(index).statistics
         if metadata.row_group(group).num_rows == 0:
             continue
+        statistics = metadata.row_group(group).column(index).statistics
         if statistics is None or not statistics.has_min_max:
             return None
         bounds.append((statistics.min, statistics.max))
