@@ -1,4 +1,5 @@
-"""Read a saved Spark ``PipelineModel`` (VectorAssembler -> RandomForestRegressionModel), no JVM.
+"""Read a saved Spark ``PipelineModel`` (VectorAssembler -> RandomForestRegressionModel ->
+SQLTransformer), no JVM.
 
 Spark writes the pipeline as JSON metadata plus Parquet tree data. This module reads them with
 pyarrow, refuses any directory it does not understand, and predicts exactly as Spark 4.2 does:
@@ -7,6 +8,12 @@ pyarrow, refuses any directory it does not understand, and predicts exactly as S
 * the forest predicts ``(p_0 + p_1 + ... + p_{n-1}) / numTrees``, summed left to right in tree
   order (``RandomForestRegressionModel.predict``: ``_trees.map(...).sum / getNumTrees``; the
   tree weights, all 1.0, are not used). Summing in the same order makes results bit-identical.
+* the last stage turns the forest's output (the target form the train job fitted: the log ratio
+  or the ratio of the day's volume to ``vol_moving_avg``, or the volume itself) back into a
+  volume with one of the SQL statements in ``VOLUME_STATEMENTS``, evaluated here with the same
+  IEEE operations in the same order (``exp`` as Java's ``StrictMath.exp``: ``strictmath``). A
+  two-stage pipeline whose forest predicts the volume itself (models trained before Dec 2026)
+  is still served as it is. Any other stage or statement is refused.
 
 Two evaluators, both exact:
 
@@ -33,6 +40,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from serving.strictmath import strict_exp
+
 # The model contract (stockvol.schema.FEATURE_COLUMNS), repeated because serving must not import
 # the pipeline package, which needs pyspark. A test keeps the two equal.
 FEATURES = ("vol_moving_avg", "adj_close_rolling_med")
@@ -41,6 +50,22 @@ PIPELINE_CLASS = "org.apache.spark.ml.PipelineModel"
 ASSEMBLER_CLASS = "org.apache.spark.ml.feature.VectorAssembler"
 FOREST_CLASS = "org.apache.spark.ml.regression.RandomForestRegressionModel"
 TREE_CLASS = "org.apache.spark.ml.regression.DecisionTreeRegressionModel"
+SQL_CLASS = "org.apache.spark.ml.feature.SQLTransformer"
+FOREST_PREDICTION = "forest_prediction"
+PREDICTION = "prediction"
+# The statements stockvol.train.volume_statement writes, by target form; a test keeps them equal.
+# The predicted volume is clipped to [0, 2^53].
+MAX_PREDICTED_VOLUME = 9007199254740992.0
+_VOLUME_SQL = {
+    "log_ratio": "(`vol_moving_avg` + 1.0D) * exp(`forest_prediction`) - 1.0D",
+    "ratio": "`vol_moving_avg` * `forest_prediction`",
+    "volume": "`forest_prediction`",
+}
+VOLUME_STATEMENTS = {
+    target: "SELECT *, greatest(0.0D, least(9007199254740992.0D, "
+    f"{sql})) AS `prediction` FROM __THIS__"
+    for target, sql in _VOLUME_SQL.items()
+}
 METRICS_FILE = "metrics.json"
 
 # Above this many cells the grid is not built and predictions walk the trees (still exact, slower).
@@ -160,7 +185,8 @@ class Grid:
     _cells: list[float] = field(repr=False)
 
     @classmethod
-    def build(cls, forest: Forest) -> Grid:
+    def build(cls, forest: Forest, volume_stage: VolumeStage) -> Grid:
+        """Tabulate ``volume_stage.cell_values`` of the forest's output on every cell."""
         t0, t1 = forest.split_thresholds()
         # Cell i of a feature holds the x with t[i-1] < x <= t[i]: t[i] itself represents it, and
         # +inf represents the last cell (x above every threshold).
@@ -168,7 +194,7 @@ class Grid:
         points = np.column_stack([np.repeat(reps0, reps1.size), np.tile(reps1, reps0.size)]).astype(
             np.float64
         )
-        table = forest.walk(points)
+        table = volume_stage.cell_values(forest.walk(points))
         return cls((t0, t1), table, t0.tolist(), t1.tolist(), table.tolist())
 
     @property
@@ -188,12 +214,56 @@ class Grid:
 
 
 @dataclass(frozen=True)
+class VolumeStage:
+    """The SQLTransformer after the forest: its output (in ``target`` form) as a volume.
+
+    Split in two so the grid can tabulate the transcendental part per cell: ``cell_values`` maps
+    forest outputs to what ``apply`` combines with ``vol_moving_avg`` (exp of the log ratio, the
+    ratio, the volume). ``target`` None: no such stage, the forest predicts the volume (unclipped).
+    """
+
+    target: str | None
+
+    def cell_values(self, forest_output: np.ndarray) -> np.ndarray:
+        return strict_exp(forest_output) if self.target == "log_ratio" else forest_output
+
+    def apply(self, vol_moving_avg: np.ndarray, cell: np.ndarray) -> np.ndarray:
+        """The statement's value, as Spark evaluates it (the same operations, in the same order)."""
+        if self.target is None:
+            return cell
+        if self.target == "log_ratio":
+            volume = (vol_moving_avg + 1.0) * cell - 1.0
+        elif self.target == "ratio":
+            volume = vol_moving_avg * cell
+        else:
+            volume = cell
+        # least(2^53, v) keeps v only below 2^53 (Spark orders NaN above everything), then
+        # greatest(0.0, v) keeps v only above 0 (so -0.0 becomes 0.0, as in Spark).
+        volume = np.where(volume < MAX_PREDICTED_VOLUME, volume, MAX_PREDICTED_VOLUME)
+        return np.where(volume > 0.0, volume, 0.0)
+
+    def apply_one(self, vol_moving_avg: float, cell: float) -> float:
+        """``apply`` for one row with Python floats (the same IEEE double operations)."""
+        if self.target is None:
+            return cell
+        if self.target == "log_ratio":
+            volume = (vol_moving_avg + 1.0) * cell - 1.0
+        elif self.target == "ratio":
+            volume = vol_moving_avg * cell
+        else:
+            volume = cell
+        volume = volume if volume < MAX_PREDICTED_VOLUME else MAX_PREDICTED_VOLUME
+        return volume if volume > 0.0 else 0.0
+
+
+@dataclass(frozen=True)
 class ServingModel:
     """A loaded, validated model: exact Spark predictions plus what ``/model`` reports."""
 
     path: Path
     forest: Forest
-    grid: Grid | None
+    grid: Grid | None  # tabulates volume_stage.cell_values of the forest's output
+    volume_stage: VolumeStage
     info: dict[str, Any]
 
     @property
@@ -201,7 +271,7 @@ class ServingModel:
         return "grid" if self.grid is not None else "walk"
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Predictions for ``x`` (n x 2: vol_moving_avg, adj_close_rolling_med), as float64."""
+        """Predicted volumes for ``x`` (n x 2: vol_moving_avg, adj_close_rolling_med), float64."""
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != len(FEATURES):
             raise ValueError(f"expected an (n, {len(FEATURES)}) array, got shape {x.shape}")
@@ -209,16 +279,21 @@ class ServingModel:
         if np.isnan(x).any():
             raise ValueError("NaN feature values cannot be predicted")
         if self.grid is not None:
-            return self.grid.predict(x)
-        return self.forest.walk(x)
+            cells = self.grid.predict(x)
+        else:
+            cells = self.volume_stage.cell_values(self.forest.walk(x))
+        return self.volume_stage.apply(x[:, 0], cells)
 
     def predict_one(self, vol_moving_avg: float, adj_close_rolling_med: float) -> float:
         """One prediction, on the fast path (a few microseconds with the grid)."""
         if math.isnan(vol_moving_avg) or math.isnan(adj_close_rolling_med):
             raise ValueError("NaN feature values cannot be predicted")
         if self.grid is not None:
-            return self.grid.predict_one(vol_moving_avg, adj_close_rolling_med)
-        return float(self.forest.walk(np.array([[vol_moving_avg, adj_close_rolling_med]]))[0])
+            cell = self.grid.predict_one(vol_moving_avg, adj_close_rolling_med)
+        else:
+            walked = self.forest.walk(np.array([[vol_moving_avg, adj_close_rolling_med]]))
+            cell = float(self.volume_stage.cell_values(walked)[0])
+        return self.volume_stage.apply_one(vol_moving_avg, cell)
 
 
 def _load_forest(stage_dir: Path, num_trees: int, num_features: int) -> Forest:
@@ -364,12 +439,12 @@ def _load(path: Path, max_grid_cells: int) -> ServingModel:
     pipeline = _read_metadata(path)
     _expect_class(pipeline, PIPELINE_CLASS, path / "metadata")
     stage_uids = _params(pipeline).get("stageUids")
-    if not isinstance(stage_uids, list) or len(stage_uids) != 2:
+    if not isinstance(stage_uids, list) or len(stage_uids) not in (2, 3):
         raise ModelFormatError(
-            f"{path}: expected 2 stages (VectorAssembler, RandomForestRegressionModel), "
-            f"found {stage_uids!r}"
+            f"{path}: expected the stages VectorAssembler, RandomForestRegressionModel and "
+            f"SQLTransformer (or the first two), found {stage_uids!r}"
         )
-    assembler_dir, forest_dir = _stage_dirs(path, stage_uids)
+    assembler_dir, forest_dir, *volume_dirs = _stage_dirs(path, stage_uids)
 
     assembler = _read_metadata(assembler_dir)
     _expect_class(assembler, ASSEMBLER_CLASS, assembler_dir)
@@ -393,10 +468,14 @@ def _load(path: Path, max_grid_cells: int) -> ServingModel:
         raise ModelFormatError(f"{forest_dir}: numFeatures is {num_features!r}, expected 2")
     if not isinstance(num_trees, int) or num_trees < 1:
         raise ModelFormatError(f"{forest_dir}: numTrees is {num_trees!r}")
+    volume_metas = [_read_metadata(directory) for directory in volume_dirs]
+    volume_stage = _volume_stage(
+        volume_dirs, volume_metas, forest_params.get("predictionCol", PREDICTION)
+    )
 
     forest = _load_forest(forest_dir, num_trees, num_features)
     cells = math.prod(thresholds.size + 1 for thresholds in forest.split_thresholds())
-    grid = Grid.build(forest) if cells <= max_grid_cells else None
+    grid = Grid.build(forest, volume_stage) if cells <= max_grid_cells else None
 
     info: dict[str, Any] = {
         "model_dir": str(path),
@@ -409,8 +488,11 @@ def _load(path: Path, max_grid_cells: int) -> ServingModel:
         "label": forest_params.get("labelCol"),
         "stages": [
             {"class": meta["class"], "uid": meta.get("uid"), "params": _params(meta)}
-            for meta in (assembler, forest_meta)
+            for meta in (assembler, forest_meta, *volume_metas)
         ],
+        "target": volume_stage.target,
+        "prediction": "the predicted volume"
+        + ("" if volume_stage.target is None else ", clipped to [0, 2^53]"),
         "forest": {
             "num_trees": forest.num_trees,
             "num_nodes": int(forest.value.size),
@@ -420,7 +502,30 @@ def _load(path: Path, max_grid_cells: int) -> ServingModel:
         },
         **_read_metrics(path),
     }
-    return ServingModel(path=path, forest=forest, grid=grid, info=info)
+    return ServingModel(path=path, forest=forest, grid=grid, volume_stage=volume_stage, info=info)
+
+
+def _volume_stage(
+    directories: list[Path], metadata: list[dict[str, Any]], forest_output: str
+) -> VolumeStage:
+    """The stage after the forest: none (the forest predicts the volume) or a known statement."""
+    if not directories:
+        return VolumeStage(target=None)
+    directory, meta = directories[0], metadata[0]
+    _expect_class(meta, SQL_CLASS, directory)
+    statement = _params(meta).get("statement")
+    target = next((t for t, known in VOLUME_STATEMENTS.items() if known == statement), None)
+    if target is None:
+        raise ModelFormatError(
+            f"{directory}: unknown SQLTransformer statement {statement!r}; this server evaluates "
+            "only the statements the train job writes (serving.forest.VOLUME_STATEMENTS)"
+        )
+    if forest_output != FOREST_PREDICTION:
+        raise ModelFormatError(
+            f"the forest writes {forest_output!r} but {directory}'s statement reads "
+            f"{FOREST_PREDICTION!r}"
+        )
+    return VolumeStage(target=target)
 
 
 def _read_metrics(path: Path) -> dict[str, Any]:
