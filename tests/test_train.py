@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import json
 import math
+from dataclasses import replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,13 +14,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from chispa import assert_df_equality
 from pyspark.ml import PipelineModel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import StringType, StructField, StructType
 
 from stockvol import train as train_module
 from stockvol.cli import PipelineError
-from stockvol.config import Config, add_common_arguments, config_from_args, load_config
+from stockvol.config import (
+    Config,
+    ConfigError,
+    add_common_arguments,
+    config_from_args,
+    load_config,
+)
 from stockvol.schema import FEATURES_SCHEMA
 from stockvol.storage import TableNotFoundError, write_table
 from stockvol.summary import StageSummary
@@ -52,7 +60,8 @@ def business_days(start: date, count: int) -> list[str]:
 
 
 def features_rows(seed: int = 1) -> pd.DataFrame:
-    """A features-shaped table with a learnable relation the baseline misses: Volume ~ 1.5 x vma.
+    """A features-shaped table with a learnable relation the baseline misses: each day's Volume is
+    about 1.5 x the previous row's vol_moving_avg (what the default next_day horizon sees).
 
     Four symbols with staggered histories; the first 29 rows of each have null features, as the
     features job writes them; one row lacks Volume and one has a NaN feature (both unusable).
@@ -63,7 +72,8 @@ def features_rows(seed: int = 1) -> pd.DataFrame:
         dates = business_days(date(2019, 1, 1) + timedelta(days=offset), count)
         vma = np.exp(rng.uniform(10, 14, count))
         med = rng.uniform(10, 200, count)
-        volume = np.round(1.5 * vma * np.exp(rng.normal(0, 0.05, count))).astype("int64")
+        previous_vma = np.concatenate([vma[:1], vma[:-1]])
+        volume = np.round(1.5 * previous_vma * np.exp(rng.normal(0, 0.05, count))).astype("int64")
         frame = pd.DataFrame(
             {
                 "Symbol": symbol,
@@ -100,7 +110,24 @@ def to_spark(spark: SparkSession, rows: pd.DataFrame) -> DataFrame:
     return spark.createDataFrame(records, FEATURES_SCHEMA)
 
 
-def usable_pandas(rows: pd.DataFrame) -> pd.DataFrame:
+def forecast_pandas(rows: pd.DataFrame, horizon: str = "next_day") -> pd.DataFrame:
+    """The oracle of train.forecast_rows: next_day moves each symbol's features one row later."""
+    rows = rows.sort_values(["Symbol", "Date"]).reset_index(drop=True)
+    if horizon == "next_day":
+        for name in ("vol_moving_avg", "adj_close_rolling_med"):
+            rows[name] = rows.groupby("Symbol")[name].shift(1).astype(object)
+            rows[name] = rows[name].where(rows[name].notna(), None)
+    return rows
+
+
+def model_rows(table: DataFrame, metrics: dict) -> DataFrame:
+    """The model's input rows rebuilt from a features table with the SQL metrics.json records."""
+    inputs = [f"{sql} AS `{name}`" for name, sql in metrics["model"]["feature_sql"].items()]
+    return table.selectExpr("`Symbol`", "`Date`", "`Volume`", *inputs)
+
+
+def usable_pandas(rows: pd.DataFrame, horizon: str = "next_day") -> pd.DataFrame:
+    rows = forecast_pandas(rows, horizon)
     keep = rows["Volume"].notna()
     for name in ("vol_moving_avg", "adj_close_rolling_med"):
         keep &= rows[name].notna() & np.isfinite(rows[name].astype(float))
@@ -121,11 +148,16 @@ def latest_rows_date(profile: pd.Series, num: int, den: int) -> str:
 def numpy_metrics(actual: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
     err = predicted - actual
     mse = float(np.mean(err**2))
+    positive = actual > 0
+    ape = np.sort(np.abs(err[positive]) / actual[positive])
     return {
         "rmse": math.sqrt(mse),
         "mae": float(np.mean(np.abs(err))),
         "mse": mse,
         "r2": 1.0 - float(np.sum(err**2)) / float(np.sum((actual - actual.mean()) ** 2)),
+        # The lower median: the ceil(n/2)-th smallest.
+        "median_ape": float(ape[math.ceil(len(ape) / 2) - 1]),
+        "ape_rows": int(positive.sum()),
     }
 
 
@@ -190,17 +222,37 @@ def test_metrics_equal_numpy_on_the_test_predictions(
         .toPandas()
     )
     actual = predicted["Volume"].to_numpy(dtype=float)
+    # Size classes by decade of vol_moving_avg, computed independently of train.SIZE_CLASSES.
+    decade = np.clip(np.floor(np.log10(predicted["vol_moving_avg"].astype(float))), 3, 7)
     for name, column in (("test", "prediction"), ("baseline", "vol_moving_avg")):
         expected = numpy_metrics(actual, predicted[column].to_numpy(dtype=float))
         for key, value in expected.items():
             assert metrics[name][key] == pytest.approx(value, rel=1e-9), (name, key)
         assert metrics[name]["rows"] == len(test)
+        classes = {c["size_class"]: c[name] for c in metrics["by_size_class"]}
+        assert sum(c["rows"] for c in classes.values()) == len(test)
+        for exponent in np.unique(decade):
+            in_class = (decade == exponent).to_numpy()
+            label = {3: "< 10k", 4: "10k-100k", 5: "100k-1M", 6: "1M-10M", 7: ">= 10M"}[exponent]
+            in_class_metrics = numpy_metrics(
+                actual[in_class], predicted[column].to_numpy(dtype=float)[in_class]
+            )
+            for key in ("mae", "median_ape", "ape_rows"):
+                assert classes[label][key] == pytest.approx(in_class_metrics[key], rel=1e-9)
+            assert classes[label]["rows"] == in_class.sum()
 
 
-def test_model_beats_the_baseline_on_a_learnable_relation(metrics: dict) -> None:
-    # Volume is 1.5 x vol_moving_avg: the forest learns the factor, the baseline cannot.
+def test_model_beats_the_baseline_on_a_learnable_relation(
+    metrics: dict, trained: tuple[Config, StageSummary]
+) -> None:
+    # Volume is 1.5 x the previous vol_moving_avg: the forest learns the factor, the baseline
+    # cannot, and the summary says so in words.
     assert metrics["test"]["r2"] > 0.8
     assert metrics["test"]["r2"] > metrics["baseline"]["r2"] + 0.1
+    assert metrics["test"]["median_ape"] < 0.1 < metrics["baseline"]["median_ape"]
+    assert metrics["beats_baseline"] is True
+    assert trained[1].details["beats_baseline"] is True
+    assert train_module.verdict(metrics).startswith("the model beats the baseline: MAE -")
 
 
 def test_metrics_json_has_every_field_with_sane_values(
@@ -229,13 +281,17 @@ def test_metrics_json_has_every_field_with_sane_values(
         assert m["mse"] == pytest.approx(m["rmse"] ** 2)
         assert m["r2"] <= 1
     assert metrics["params"]["num_trees"] == 100 and metrics["params"]["max_depth"] == 5
+    assert (metrics["params"]["target"], metrics["params"]["horizon"]) == ("log_ratio", "next_day")
+    assert metrics["model"]["target"] == "log_ratio"
+    assert metrics["model"]["prediction_column"] == "prediction"
+    assert metrics["train_sample"]["partitions"] == 8
     assert metrics["estimator_params"]["numTrees"] == 100
     assert metrics["estimator_params"]["maxDepth"] == 5
     assert metrics["estimator_params"]["seed"] == 42
     importances = metrics["model"]["feature_importances"]
     assert set(importances) == {"vol_moving_avg", "adj_close_rolling_med"}
     assert sum(importances.values()) == pytest.approx(1.0)
-    assert importances["vol_moving_avg"] > 0.9  # the only informative feature
+    assert min(importances.values()) >= 0
     assert metrics["lineage"] == {
         "features_path": str(config.features_path.resolve()),
         "format": "delta",
@@ -262,7 +318,7 @@ def test_recorded_predicates_rebuild_the_test_set(
 ) -> None:
     config, _ = trained
     table = spark.read.format("delta").load(str(config.features_path))
-    usable = table.where(metrics["split"]["usable_predicate"])
+    usable = model_rows(table, metrics).where(metrics["split"]["usable_predicate"])
     assert usable.where(metrics["split"]["test_predicate"]).count() == metrics["rows"]["test"]
     assert usable.where(metrics["split"]["train_predicate"]).count() == metrics["rows"]["train"]
 
@@ -374,7 +430,7 @@ def test_failed_export_leaves_the_previous_model_unchanged(
     assert json.loads((model_dir / METRICS_FILE).read_text()) == {"run": 1}
     assert list(versions_dir(model_dir).iterdir()) == [target]  # no half-written leftovers
     reloaded = PipelineModel.load(str(model_dir))
-    assert reloaded.stages[-1].getNumTrees == model.stages[-1].getNumTrees
+    assert reloaded.stages[1].getNumTrees == model.stages[1].getNumTrees
 
 
 def test_export_swaps_versions_and_keeps_only_the_previous_one(
@@ -421,7 +477,7 @@ def test_tuning_picks_the_best_candidate_and_trains_with_it(
     assert all(math.isfinite(c["validation_rmse"]) for c in candidates)
     best = min(candidates, key=lambda c: c["validation_rmse"])
     assert metrics["tuning"]["best"] == best
-    forest = PipelineModel.load(str(config.model_dir)).stages[-1]
+    forest = PipelineModel.load(str(config.model_dir)).stages[1]
     assert (forest.getNumTrees, forest.getMaxDepth(), forest.getMaxBins()) == (
         best["num_trees"],
         best["max_depth"],
@@ -440,7 +496,8 @@ def test_tuning_picks_the_best_candidate_and_trains_with_it(
     assert 40 < metrics["rows"]["train_fitted"] < metrics["rows"]["train"]
     table = spark.read.parquet(str(config.features_path))
     fitted = (
-        table.where(metrics["split"]["usable_predicate"])
+        model_rows(table, metrics)
+        .where(metrics["split"]["usable_predicate"])
         .where(metrics["split"]["train_predicate"])
         .where(sample["predicate"])
     )
@@ -448,7 +505,7 @@ def test_tuning_picks_the_best_candidate_and_trains_with_it(
 
 
 def test_no_usable_rows_is_a_clear_error(spark: SparkSession, rows: pd.DataFrame) -> None:
-    short = rows.groupby("Symbol").head(WINDOW - 1)  # no symbol reaches a full window
+    short = rows.groupby("Symbol").head(WINDOW)  # no symbol has a row after a full window
     with pytest.raises(PipelineError, match="no row with Volume and both features"):
         train(to_spark(spark, short), load_config().model)
 
@@ -480,3 +537,124 @@ def test_flags_override_the_model_settings() -> None:
     assert model.max_depth == load_config().model.max_depth  # unset flags keep the config
     with pytest.raises(SystemExit):
         parser.parse_args(["--tune-max-bins", "0,8"])
+
+
+def test_next_day_rows_carry_the_previous_rows_features(spark: SparkSession) -> None:
+    schema = "Symbol string, Date string, Volume bigint, vol_moving_avg double, " + (
+        "adj_close_rolling_med double"
+    )
+    features = spark.createDataFrame(
+        [
+            ("B", "2020-01-03", 30, 3.0, 30.0),
+            ("A", "2020-01-02", 20, 2.0, 20.0),
+            ("B", "2020-01-02", 10, None, None),
+            ("A", "2020-01-01", 10, 1.0, 10.0),
+            ("A", "2020-01-06", 40, float("nan"), 40.0),
+            ("A", "2020-01-07", 50, 5.0, 50.0),
+        ],
+        schema,
+    ).repartition(3)
+    expected = spark.createDataFrame(
+        [
+            ("A", "2020-01-01", 10, None, None),
+            ("A", "2020-01-02", 20, 1.0, 10.0),
+            ("A", "2020-01-06", 40, 2.0, 20.0),
+            ("A", "2020-01-07", 50, float("nan"), 40.0),
+            ("B", "2020-01-02", 10, None, None),
+            ("B", "2020-01-03", 30, None, None),
+        ],
+        schema,
+    )
+    actual = train_module.forecast_rows(features, "next_day").orderBy("Symbol", "Date")
+    assert_df_equality(actual, expected, ignore_nullable=True, allow_nan_equality=True)
+    same_day = train_module.forecast_rows(features, "same_day").orderBy("Symbol", "Date")
+    assert_df_equality(
+        same_day, features.orderBy("Symbol", "Date"), ignore_nullable=True, allow_nan_equality=True
+    )
+
+
+@pytest.mark.parametrize("target", ["log_ratio", "ratio", "volume"])
+def test_each_target_form_fits_its_label_and_the_model_outputs_a_volume(
+    spark: SparkSession, target: str
+) -> None:
+    rng = np.random.default_rng(5)
+    n = 400
+    vma = np.concatenate([[0.0, 0.0], rng.lognormal(11, 2, n - 2)])
+    volume = np.rint(vma * rng.lognormal(-0.1, 0.4, n)).astype(np.int64)
+    volume[:2] = [0, 7]
+    rows = pd.DataFrame(
+        {
+            "Symbol": [f"S{i % 5}" for i in range(n)],
+            "Date": [f"2020-{1 + i % 12:02d}-{1 + i // 12:02d}" for i in range(n)],
+            "Volume": volume,
+            "vol_moving_avg": vma,
+            "adj_close_rolling_med": rng.uniform(1, 100, n),
+        }
+    )
+    params = replace(load_config().model, target=target, num_trees=5, max_depth=3)
+    frame = train_module.fit_frame(spark.createDataFrame(rows), params)
+    fitted = frame.toPandas().sort_values(["vol_moving_avg", "Volume"]).reset_index(drop=True)
+    # The label each form fits, computed with numpy; the ratio leaves out the rows averaging 0.
+    oracle = rows.sort_values(["vol_moving_avg", "Volume"]).reset_index(drop=True)
+    v, a = oracle["Volume"].to_numpy(float), oracle["vol_moving_avg"].to_numpy()
+    if target == "log_ratio":
+        label = np.log1p(v) - np.log1p(a)
+    elif target == "ratio":
+        keep = a > 0
+        label, oracle = v[keep] / a[keep], oracle[keep].reset_index(drop=True)
+    else:
+        label = v
+    assert len(fitted) == len(oracle)
+    np.testing.assert_allclose(fitted["target"], label, rtol=1e-12, atol=1e-12)
+
+    model = train_module.build_pipeline(params).fit(frame)
+    frame.unpersist()
+    scored = model.transform(spark.createDataFrame(rows)).toPandas()
+    f, a = scored["forest_prediction"].to_numpy(), scored["vol_moving_avg"].to_numpy()
+    with np.errstate(over="ignore"):  # the volume form's exp is computed but not used
+        raw = {"log_ratio": (a + 1) * np.exp(f) - 1, "ratio": a * f, "volume": f}[target]
+    np.testing.assert_allclose(scored["prediction"], np.clip(raw, 0, 2.0**53), rtol=1e-14)
+    assert (scored["prediction"] >= 0).all() and np.isfinite(scored["prediction"]).all()
+    stage = model.stages[-1]
+    assert stage.getStatement() == train_module.volume_statement(target)
+
+
+def test_the_same_rows_and_seed_give_the_same_model_whatever_the_file_layout(
+    spark: SparkSession, rows: pd.DataFrame, tmp_path: Path
+) -> None:
+    """MLlib bootstraps per partition: the fit's input is laid out by its rows alone."""
+    # same_day: no window shuffle before the fit, so only fit_frame can make the layout irrelevant.
+    params = replace(
+        load_config().model, num_trees=10, max_depth=4, split="random", horizon="same_day"
+    )
+    table = to_spark(spark, rows)
+    layouts = {
+        "one file": table.coalesce(1),
+        "seven shuffled files": table.repartition(7, "Date").sortWithinPartitions("Volume"),
+    }
+    results = {}
+    for name, frame in layouts.items():
+        path = tmp_path / name.replace(" ", "-")
+        write_table(frame, path, "parquet")
+        result = train(spark.read.parquet(str(path)), params)
+        trees = result.model.stages[1].toDebugString.split("\n", 1)[1]  # after the uid line
+        results[name] = (trees, result.metrics["test"])
+    (first_trees, first_metrics), (second_trees, second_metrics) = results.values()
+    assert first_trees == second_trees
+    # The evaluation sums in the test rows' order: equal up to rounding.
+    assert second_metrics == pytest.approx(first_metrics, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("target", "log", "target must be one of log_ratio, ratio, volume"),
+        ("horizon", "tomorrow", "horizon must be one of next_day, same_day"),
+        ("fit_partitions", 0, "fit_partitions must be at least 1"),
+    ],
+)
+def test_unknown_target_horizon_or_partitions_are_config_errors(
+    setting: str, value: object, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(**{setting: value})

@@ -15,6 +15,12 @@ DEFAULT_CONFIG = PROJECT_ROOT / "conf" / "pipeline.yaml"
 STORAGE_FORMATS = ("delta", "parquet")
 MEDIAN_MODES = ("approx", "exact")
 SPLIT_METHODS = ("time", "random")
+# What the forest learns (docs/model.md): the day's volume relative to its moving average, on a log
+# scale (default) or as a plain ratio, or the raw volume (kept to reproduce the comparison).
+TARGETS = ("log_ratio", "ratio", "volume")
+# Which day's volume a features row predicts: the next trading day's (an honest forecast) or its
+# own (the moving average then already holds 1/30 of the label).
+HORIZONS = ("next_day", "same_day")
 
 
 class ConfigError(ValueError):
@@ -29,6 +35,11 @@ class ModelParams:
     max_depth: int = 5
     max_bins: int = 32
     seed: int = 42
+    target: str = "log_ratio"
+    horizon: str = "next_day"
+    # The forest's bootstrap follows the partitioning of its input: a fixed partition count (rows
+    # hashed by Symbol, sorted by Symbol and Date) gives the same model on any layout or cluster.
+    fit_partitions: int = 8
     train_sample_fraction: float = 1.0
     # Upper bound on the rows the forest is fitted on (None = no cap); see docs/model.md.
     train_max_rows: int | None = None
@@ -97,6 +108,10 @@ def validate(config: Config) -> Config:
     _check_choice("storage format", config.storage_format, STORAGE_FORMATS)
     _check_choice("median mode", config.median, MEDIAN_MODES)
     _check_choice("split", config.model.split, SPLIT_METHODS)
+    _check_choice("target", config.model.target, TARGETS)
+    _check_choice("horizon", config.model.horizon, HORIZONS)
+    if config.model.fit_partitions < 1:
+        raise ConfigError(f"fit_partitions must be at least 1, got {config.model.fit_partitions}")
     if config.window < 1:
         raise ConfigError(f"window must be at least 1, got {config.window}")
     if not 0.0 < config.model.test_fraction < 1.0:

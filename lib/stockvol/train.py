@@ -28,14 +28,14 @@ import pandas as pd
 from pyspark import StorageLevel
 from pyspark.ml import Pipeline, PipelineModel
 from pyspark.ml.evaluation import RegressionEvaluator
-from pyspark.ml.feature import VectorAssembler
+from pyspark.ml.feature import SQLTransformer, VectorAssembler
 from pyspark.ml.regression import RandomForestRegressionModel, RandomForestRegressor
 from pyspark.ml.tuning import ParamGridBuilder, TrainValidationSplit
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from stockvol.cli import PipelineError
-from stockvol.config import SPLIT_METHODS, Config, ConfigError, ModelParams
+from stockvol.config import HORIZONS, SPLIT_METHODS, TARGETS, Config, ConfigError, ModelParams
 from stockvol.schema import (
     DATE,
     FEATURE_COLUMNS,
@@ -49,14 +49,78 @@ from stockvol.summary import StageSummary
 log = logging.getLogger("stockvol.train")
 
 LABEL = VOLUME
+TARGET = "target"  # the forest's label: Volume in the configured target form (TARGET_SQL)
+FOREST_PREDICTION = "forest_prediction"  # the forest's output, in the target form
 FEATURES_VECTOR = "features"
-PREDICTION = "prediction"
+PREDICTION = "prediction"  # the predicted Volume: the last stage's output
 BASELINE = VOL_MOVING_AVG
 METRICS_FILE = "metrics.json"
 PLOT_FILE = "evaluation.png"
 PLOT_POINTS = 4000
-METRICS_SCHEMA_VERSION = 1
+METRICS_SCHEMA_VERSION = 2
 REQUIRED_COLUMNS = (SYMBOL, DATE, LABEL, *FEATURE_COLUMNS)
+# 2^53, the largest integer a double (and any JSON client) holds exactly: the predicted volume is
+# clipped to [0, 2^53], so it is never negative, infinite or NaN for finite, non-negative features.
+MAX_PREDICTED_VOLUME = "9007199254740992.0D"
+# Rank accuracy of the median absolute percentage error (percentile_approx): exact below this many
+# test rows, within rows / accuracy ranks above it.
+MEDIAN_ACCURACY = 100_000
+
+# The label each target form fits (Volume >= 0, vol_moving_avg >= 0). The ratio is undefined where
+# the average is 0: those rows are left out of the fit (not of the test set).
+TARGET_SQL = {
+    "log_ratio": f"log1p(`{LABEL}`) - log1p(`{VOL_MOVING_AVG}`)",
+    "ratio": f"CASE WHEN `{VOL_MOVING_AVG}` > 0 THEN `{LABEL}` / `{VOL_MOVING_AVG}` END",
+    "volume": f"CAST(`{LABEL}` AS DOUBLE)",
+}
+# The forest's output turned back into a volume: the inverse of TARGET_SQL. (v + 1) * exp(f) - 1
+# rather than expm1(log1p(v) + f): one transcendental function, so the JVM-free reader in serving/
+# can reproduce Spark's StrictMath result bit for bit. serving/forest.py knows exactly these.
+VOLUME_SQL = {
+    "log_ratio": f"(`{VOL_MOVING_AVG}` + 1.0D) * exp(`{FOREST_PREDICTION}`) - 1.0D",
+    "ratio": f"`{VOL_MOVING_AVG}` * `{FOREST_PREDICTION}`",
+    "volume": f"`{FOREST_PREDICTION}`",
+}
+# Volume size classes for the metrics: decades of vol_moving_avg (the one scale the model sees).
+SIZE_CLASSES = (
+    ("< 10k", 1e4),
+    ("10k-100k", 1e5),
+    ("100k-1M", 1e6),
+    ("1M-10M", 1e7),
+    (">= 10M", math.inf),
+)
+SIZE_CLASS = "size_class"
+
+
+def volume_statement(target: str) -> str:
+    """The SQLTransformer statement after the forest: the predicted volume, clipped to [0, 2^53]."""
+    volume = VOLUME_SQL[target]
+    return (
+        f"SELECT *, greatest(0.0D, least({MAX_PREDICTED_VOLUME}, {volume})) AS `{PREDICTION}` "
+        "FROM __THIS__"
+    )
+
+
+def feature_sql(horizon: str) -> dict[str, str]:
+    """The SQL of each model input per row: for next_day, the symbol's previous row's features."""
+    if horizon == "same_day":
+        return {name: f"`{name}`" for name in FEATURE_COLUMNS}
+    return {
+        name: f"lag(`{name}`) OVER (PARTITION BY `{SYMBOL}` ORDER BY `{DATE}`)"
+        for name in FEATURE_COLUMNS
+    }
+
+
+def forecast_rows(features: DataFrame, horizon: str) -> DataFrame:
+    """Keys, the Volume to predict and the features known before it (``feature_sql``).
+
+    ``next_day``: a row's Volume is predicted from the features of the symbol's previous row, so no
+    input includes the day being predicted (``vol_moving_avg`` on a row averages that row's own
+    Volume). ``same_day`` keeps each row's own features, as the features table has them.
+    """
+    inputs = [F.expr(sql).alias(name) for name, sql in feature_sql(horizon).items()]
+    return features.select(F.col(SYMBOL), F.col(DATE), F.col(LABEL), *inputs)
+
 
 # xxhash64 >>> 11 is uniform on [0, 2^53): comparing it with fraction * 2^53 keeps a row with
 # probability `fraction`, decided by the row's key alone (not by partitioning or row order).
@@ -151,20 +215,34 @@ def random_split(test_fraction: float, seed: int) -> Split:
 
 
 def build_pipeline(params: ModelParams) -> Pipeline:
-    """VectorAssembler over the two features, then the random forest predicting Volume."""
+    """VectorAssembler over the two features, the forest on the target, its output as a volume.
+
+    Fitting needs a ``target`` column (``TARGET_SQL``); the fitted model needs only the two feature
+    columns and writes the predicted Volume to ``prediction``.
+    """
     assembler = VectorAssembler(
         inputCols=list(FEATURE_COLUMNS), outputCol=FEATURES_VECTOR, handleInvalid="error"
     )
     forest = RandomForestRegressor(
         featuresCol=FEATURES_VECTOR,
-        labelCol=LABEL,
-        predictionCol=PREDICTION,
+        labelCol=TARGET,
+        predictionCol=FOREST_PREDICTION,
         numTrees=params.num_trees,
         maxDepth=params.max_depth,
         maxBins=params.max_bins,
         seed=params.seed,
     )
-    return Pipeline(stages=[assembler, forest])
+    to_volume = SQLTransformer(statement=volume_statement(params.target))
+    return Pipeline(stages=[assembler, forest, to_volume])
+
+
+def size_class(column: str = BASELINE) -> Column:
+    """The SIZE_CLASSES name of each row's ``column`` (vol_moving_avg)."""
+    value = F.col(column)
+    expr = F.when(value < SIZE_CLASSES[0][1], SIZE_CLASSES[0][0])
+    for name, upper in SIZE_CLASSES[1:-1]:
+        expr = expr.when(value < upper, name)
+    return expr.otherwise(SIZE_CLASSES[-1][0])
 
 
 def regression_metrics(
@@ -172,41 +250,72 @@ def regression_metrics(
     label: str,
     predictions: Mapping[str, str],
     sample_where: str | None = None,
-) -> tuple[dict[str, dict[str, float | None]], pd.DataFrame]:
-    """RMSE, MAE, MSE and R² of each prediction column against ``label``, in one pass over ``df``.
+) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], pd.DataFrame]:
+    """Metrics of each prediction column against ``label``, overall and by size class, one pass.
 
-    R² is 1 - MSE / Var(label) (population variance), the definition of MLlib's RegressionEvaluator
-    and scikit-learn; None when the label is constant. The same pass also collects the rows that
-    match ``sample_where`` (label and predictions; keep it to a few thousand), returned as pandas.
+    RMSE, MAE, MSE, R² (1 - MSE / Var(label), population variance: MLlib's RegressionEvaluator and
+    scikit-learn; None when the label is constant) and the median absolute percentage error
+    |p - y| / y over the rows with y > 0 (the lower median, the ceil(n/2)-th smallest, within
+    n / MEDIAN_ACCURACY ranks). The same pass collects the rows matching ``sample_where`` (label,
+    predictions; keep it to a few thousand), returned as pandas.
     """
     y = F.col(label).cast("double")
     aggs: list[Column] = [F.count(F.lit(1)).alias("n"), F.var_pop(y).alias("var")]
+    aggs.append(F.count(F.when(y > 0, True)).alias("ape_n"))
     for i, column in enumerate(predictions.values()):
         err = F.col(column).cast("double") - y
-        aggs += [F.avg(err * err).alias(f"mse{i}"), F.avg(F.abs(err)).alias(f"mae{i}")]
+        ape = F.when(y > 0, F.abs(err) / y)
+        aggs += [
+            F.avg(err * err).alias(f"mse{i}"),
+            F.avg(F.abs(err)).alias(f"mae{i}"),
+            F.percentile_approx(ape, 0.5, MEDIAN_ACCURACY).alias(f"mdape{i}"),
+        ]
     kept = [label, *predictions.values()]
     if sample_where is not None:
         # collect_list skips nulls: only the rows that match end up in the list.
         row_struct = F.struct(*(F.col(c).cast("double").alias(c) for c in kept))
         aggs.append(F.collect_list(F.when(F.expr(sample_where), row_struct)).alias("sample"))
-    row = df.agg(*aggs).first()
-    if row is None or not row["n"]:
+    # rollup: one row per size class plus the overall row (size class null).
+    grouped = df.withColumn(SIZE_CLASS, size_class()).rollup(SIZE_CLASS).agg(*aggs).collect()
+    overall = next((row for row in grouped if row[SIZE_CLASS] is None), None)
+    if overall is None or not overall["n"]:
         raise PipelineError("no rows to evaluate the model on")
-    sample = pd.DataFrame(
-        [tuple(r) for r in row["sample"]] if sample_where is not None else [], columns=kept
-    )
-    result: dict[str, dict[str, float | None]] = {}
-    for i, name in enumerate(predictions):
-        mse = float(row[f"mse{i}"])
+
+    def summarise(row: Any) -> dict[str, dict[str, Any]]:
+        result: dict[str, dict[str, Any]] = {}
         variance = float(row["var"])
-        result[name] = {
-            "rmse": math.sqrt(mse),
-            "mae": float(row[f"mae{i}"]),
-            "mse": mse,
-            "r2": 1.0 - mse / variance if variance > 0 else None,
-            "rows": int(row["n"]),
-        }
-    return result, sample
+        for i, name in enumerate(predictions):
+            mse = float(row[f"mse{i}"])
+            mdape = row[f"mdape{i}"]
+            result[name] = {
+                "rmse": math.sqrt(mse),
+                "mae": float(row[f"mae{i}"]),
+                "mse": mse,
+                "r2": 1.0 - mse / variance if variance > 0 else None,
+                "median_ape": None if mdape is None else float(mdape),
+                "rows": int(row["n"]),
+                "ape_rows": int(row["ape_n"]),
+            }
+        return result
+
+    by_name = {row[SIZE_CLASS]: row for row in grouped if row[SIZE_CLASS] is not None}
+    by_class = [
+        {SIZE_CLASS: name, "vol_moving_avg_below": None if math.isinf(upper) else upper}
+        | summarise(by_name[name])
+        for name, upper in SIZE_CLASSES
+        if name in by_name
+    ]
+    sample = pd.DataFrame(
+        [tuple(r) for r in overall["sample"]] if sample_where is not None else [], columns=kept
+    )
+    return summarise(overall), by_class, sample
+
+
+def beats_baseline(model: Mapping[str, Any], baseline: Mapping[str, Any]) -> bool:
+    """The design's rule: lower MAE and lower median absolute percentage error than the baseline."""
+    if model["median_ape"] is None or baseline["median_ape"] is None:
+        return model["mae"] < baseline["mae"]
+    return model["mae"] < baseline["mae"] and model["median_ape"] < baseline["median_ape"]
 
 
 def _json_value(value: Any) -> Any:
@@ -308,9 +417,23 @@ def effective_sample_fraction(params: ModelParams, train_rows: int) -> float:
     return fraction
 
 
-def _model_frame(df: DataFrame) -> DataFrame:
-    """Only what the pipeline reads, cached: the forest scans its input several times."""
-    return df.select(*FEATURE_COLUMNS, LABEL).persist(StorageLevel.MEMORY_AND_DISK)
+def fit_frame(train_rows: DataFrame, params: ModelParams) -> DataFrame:
+    """What the pipeline fits on, cached, in a layout that depends on the rows alone.
+
+    MLlib's bootstrap and its split-candidate sample follow the partitions and the row order, so
+    the rows are hashed by Symbol into ``fit_partitions`` partitions and sorted by (Symbol, Date):
+    the same rows and seed give the same forest whatever the features table's file layout. Rows
+    whose target is undefined (the ratio where the average is 0) are left out. Cached: the forest
+    reads its input several times.
+    """
+    return (
+        train_rows.withColumn(TARGET, F.expr(TARGET_SQL[params.target]))
+        .where(F.col(TARGET).isNotNull())
+        .repartition(params.fit_partitions, SYMBOL)
+        .sortWithinPartitions(SYMBOL, DATE)
+        .select(*FEATURE_COLUMNS, TARGET, LABEL)
+        .persist(StorageLevel.MEMORY_AND_DISK)
+    )
 
 
 def tune(
@@ -318,7 +441,7 @@ def tune(
 ) -> tuple[ModelParams, dict[str, Any]]:
     """TrainValidationSplit over the grid on a sample of the training rows; the best params."""
     pipeline = build_pipeline(params)
-    forest: RandomForestRegressor = pipeline.getStages()[-1]  # type: ignore[assignment]
+    forest: RandomForestRegressor = pipeline.getStages()[1]  # type: ignore[assignment]
     grid = (
         ParamGridBuilder()
         .addGrid(forest.numTrees, list(params.tune_num_trees))
@@ -326,8 +449,8 @@ def tune(
         .addGrid(forest.maxBins, list(params.tune_max_bins))
         .build()
     )
-    sample = _model_frame(
-        train_rows.where(hash_predicate(seed, "tune", params.tune_sample_fraction))
+    sample = fit_frame(
+        train_rows.where(hash_predicate(seed, "tune", params.tune_sample_fraction)), params
     )
     try:
         rows = sample.count()
@@ -380,11 +503,25 @@ def train(features: DataFrame, params: ModelParams) -> TrainResult:
     durations: dict[str, float] = {}
     clock = time.perf_counter()
 
-    profile = _profile(features, params)
+    rows = forecast_rows(features, params.horizon)
+    if params.horizon == "next_day":
+        # The previous-row features come from a window (a shuffle by Symbol): computed once, not
+        # once for the profile, once for the fit and once for the evaluation.
+        rows = rows.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        return _train(rows, params, durations, clock)
+    finally:
+        rows.unpersist()
+
+
+def _train(
+    rows: DataFrame, params: ModelParams, durations: dict[str, float], clock: float
+) -> TrainResult:
+    profile = _profile(rows, params)
     split, train_rows, test_rows = _choose_split(profile, params)
     input_rows = int(profile["rows"].sum())
     usable_count = int(profile["usable"].sum())
-    usable = usable_rows(features)
+    usable = usable_rows(rows)
     train_df = usable.where(split.train_predicate)
     test_df = usable.where(split.test_predicate)
     durations["split"] = time.perf_counter() - clock
@@ -399,24 +536,24 @@ def train(features: DataFrame, params: ModelParams) -> TrainResult:
     clock = time.perf_counter()
     fraction = effective_sample_fraction(params, train_rows)
     sample_predicate = hash_predicate(params.seed, "sample", fraction)
-    fit_frame = _model_frame(train_df.where(sample_predicate))
+    fitted = fit_frame(train_df.where(sample_predicate), params)
     try:
-        fitted_rows = fit_frame.count()
+        fitted_rows = fitted.count()
         if fitted_rows == 0:
             raise PipelineError(
-                f"sampling {fraction:g} of {train_rows} training rows left none; raise "
-                "--train-sample-fraction or --train-max-rows"
+                f"sampling {fraction:g} of {train_rows} training rows left none with a "
+                f"{params.target} target; raise --train-sample-fraction or --train-max-rows"
             )
         durations["sample"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        model = build_pipeline(fit_params).fit(fit_frame)
+        model = build_pipeline(fit_params).fit(fitted)
         durations["fit"] = time.perf_counter() - clock
     finally:
-        fit_frame.unpersist()
+        fitted.unpersist()
 
     clock = time.perf_counter()
     # One pass over the test set: the metrics of model and baseline, and the plot's points.
-    evaluation, plot_sample = regression_metrics(
+    evaluation, by_class, plot_sample = regression_metrics(
         model.transform(test_df),
         LABEL,
         {"test": PREDICTION, "baseline": BASELINE},
@@ -424,22 +561,30 @@ def train(features: DataFrame, params: ModelParams) -> TrainResult:
     )
     durations["evaluate"] = time.perf_counter() - clock
 
-    forest: RandomForestRegressionModel = model.stages[-1]  # type: ignore[assignment]
+    forest: RandomForestRegressionModel = model.stages[1]  # type: ignore[assignment]
     importances = forest.featureImportances.toArray().tolist()
     metrics: dict[str, Any] = {
         "schema_version": METRICS_SCHEMA_VERSION,
         "model": {
             "type": "RandomForestRegressor",
             "label": LABEL,
+            "target": params.target,
+            "target_sql": TARGET_SQL[params.target],
+            "horizon": params.horizon,
             "features": list(FEATURE_COLUMNS),
+            "feature_sql": feature_sql(params.horizon),
+            "prediction_column": PREDICTION,
+            "volume_statement": volume_statement(params.target),
             "feature_importances": dict(zip(FEATURE_COLUMNS, importances, strict=True)),
             "total_num_nodes": forest.totalNumNodes,
         },
         "test": evaluation["test"],
         "baseline": {
-            "prediction": f"{BASELINE} (the moving average itself)",
+            "prediction": f"{BASELINE} (the moving average the model is given)",
             **evaluation["baseline"],
         },
+        "beats_baseline": beats_baseline(evaluation["test"], evaluation["baseline"]),
+        "by_size_class": by_class,
         "rows": {
             "input": input_rows,
             "dropped_nulls": input_rows - usable_count,
@@ -465,6 +610,7 @@ def train(features: DataFrame, params: ModelParams) -> TrainResult:
             "max_rows": params.train_max_rows,
             "predicate": sample_predicate,
             "rows": fitted_rows,
+            "partitions": params.fit_partitions,
         },
         "params": _params_dict(fit_params),
         "estimator_params": forest_params(forest),
@@ -488,11 +634,12 @@ def _params_dict(params: ModelParams) -> dict[str, Any]:
 
 
 def render_plot(sample: pd.DataFrame, metrics: Mapping[str, Any]) -> bytes:
-    """PNG: predicted vs actual volume on a test sample (log axes) and the feature importances."""
+    """PNG: predicted vs actual volume on a test sample (log axes), median error by size class,
+    and the feature importances."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
-    fig = Figure(figsize=(11, 4.8), layout="constrained")
-    scatter, bars = fig.subplots(1, 2, width_ratios=[3, 2])
+    fig = Figure(figsize=(15, 4.8), layout="constrained")
+    scatter, classes, bars = fig.subplots(1, 3, width_ratios=[3, 2, 1.4])
     # Log axes cannot show zero volumes; they are left out of the picture, not of the metrics.
     shown = sample[(sample[LABEL] > 0) & (sample[PREDICTION] > 0) & (sample[BASELINE] > 0)]
     scatter.scatter(shown[LABEL], shown[BASELINE], s=4, alpha=0.25, color="0.6", label="baseline")
@@ -506,11 +653,24 @@ def render_plot(sample: pd.DataFrame, metrics: Mapping[str, Any]) -> bytes:
     scatter.set(xscale="log", yscale="log", xlabel="actual Volume", ylabel="predicted Volume")
     test, baseline = metrics["test"], metrics["baseline"]
     scatter.set_title(
-        f"test set sample ({len(shown):,} of {test['rows']:,} rows): "
-        f"R² {_fmt(test['r2'])} (baseline {_fmt(baseline['r2'])})",
+        f"test sample ({len(shown):,} of {test['rows']:,} rows): median error "
+        f"{_pct(test['median_ape'])} (baseline {_pct(baseline['median_ape'])}), "
+        f"R² {_fmt(test['r2'])} ({_fmt(baseline['r2'])})",
         fontsize=10,
     )
     scatter.legend(loc="upper left", fontsize=8, markerscale=3)
+
+    names = [c[SIZE_CLASS] for c in metrics["by_size_class"]]
+    positions = range(len(names))
+    for offset, key, color in ((-0.2, "test", None), (0.2, "baseline", "0.6")):
+        values = [100 * (c[key]["median_ape"] or 0.0) for c in metrics["by_size_class"]]
+        label = "random forest" if key == "test" else "baseline"
+        classes.bar([p + offset for p in positions], values, width=0.4, color=color, label=label)
+    classes.set_xticks(list(positions), names, fontsize=8)
+    classes.set(xlabel="vol_moving_avg", ylabel="median absolute % error")
+    classes.set_title("median error by size class", fontsize=10)
+    classes.legend(fontsize=8)
+
     importances = metrics["model"]["feature_importances"]
     bars.barh(list(importances), list(importances.values()))
     bars.set(xlim=(0, 1), xlabel="importance (sums to 1)", title="feature importances")
@@ -598,6 +758,23 @@ def read_features(spark: SparkSession, config: Config) -> tuple[DataFrame, int |
     return features, version
 
 
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def verdict(metrics: Mapping[str, Any]) -> str:
+    """One sentence: does the model beat "predict vol_moving_avg" (lower MAE and median error)?"""
+    test, base = metrics["test"], metrics["baseline"]
+    mae_change = test["mae"] / base["mae"] - 1.0 if base["mae"] else 0.0
+    detail = (
+        f"MAE {mae_change:+.1%} against the baseline, median error "
+        f"{_pct(test['median_ape'])} against {_pct(base['median_ape'])}"
+    )
+    if metrics["beats_baseline"]:
+        return f"the model beats the baseline: {detail}"
+    return f"the model does NOT beat the baseline: {detail}"
+
+
 def summary_text(metrics: Mapping[str, Any], model_dir: Path) -> str:
     """A few lines for a person: what was fitted, how well, compared with the baseline."""
     params, rows, test, base = (
@@ -611,13 +788,16 @@ def summary_text(metrics: Mapping[str, Any], model_dir: Path) -> str:
     return "\n".join(
         [
             f"model: {params['num_trees']} trees, depth {params['max_depth']}, "
-            f"{params['max_bins']} bins, fitted on {rows['train_fitted']:,} of "
-            f"{rows['train']:,} training rows in {metrics['durations_seconds']['fit']:.1f} s",
+            f"{params['max_bins']} bins, target {params['target']}, horizon {params['horizon']}, "
+            f"fitted on {rows['train_fitted']:,} of {rows['train']:,} training rows in "
+            f"{metrics['durations_seconds']['fit']:.1f} s",
             f"test ({rows['test']:,} rows, {split['test_row_fraction']:.1%}, {where}): "
-            f"R² {_fmt(test['r2'])}  "
-            f"RMSE {test['rmse']:,.0f}  MAE {test['mae']:,.0f}",
+            f"R² {_fmt(test['r2'])}  RMSE {test['rmse']:,.0f}  MAE {test['mae']:,.0f}  "
+            f"median error {_pct(test['median_ape'])}",
             f"baseline vol_moving_avg:  R² {_fmt(base['r2'])}  "
-            f"RMSE {base['rmse']:,.0f}  MAE {base['mae']:,.0f}",
+            f"RMSE {base['rmse']:,.0f}  MAE {base['mae']:,.0f}  "
+            f"median error {_pct(base['median_ape'])}",
+            verdict(metrics),
             f"written: {model_dir} ({METRICS_FILE}, {PLOT_FILE})",
         ]
     )
@@ -669,6 +849,11 @@ def run(spark: SparkSession, config: Config) -> StageSummary:
             "test": rows["test"],
             "r2": metrics["test"]["r2"],
             "baseline_r2": metrics["baseline"]["r2"],
+            "mae": metrics["test"]["mae"],
+            "baseline_mae": metrics["baseline"]["mae"],
+            "median_ape": metrics["test"]["median_ape"],
+            "baseline_median_ape": metrics["baseline"]["median_ape"],
+            "beats_baseline": metrics["beats_baseline"],
             "model_dir": str(config.model_dir),
             "export_seconds": round(export_seconds, 3),
         },
@@ -699,6 +884,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-depth", type=int)
     group.add_argument("--max-bins", type=int)
     group.add_argument("--seed", type=int, help="forest, random split and sampling seed")
+    group.add_argument("--target", choices=TARGETS, help="what the forest learns (docs/model.md)")
+    group.add_argument("--horizon", choices=HORIZONS, help="which day's Volume a row predicts")
+    group.add_argument(
+        "--fit-partitions", type=int, help="partitions the fitted rows are hashed to"
+    )
     group.add_argument("--split", choices=SPLIT_METHODS)
     group.add_argument("--test-fraction", type=float)
     group.add_argument(
@@ -722,6 +912,9 @@ MODEL_FLAGS = (
     "max_depth",
     "max_bins",
     "seed",
+    "target",
+    "horizon",
+    "fit_partitions",
     "split",
     "test_fraction",
     "train_sample_fraction",
