@@ -231,12 +231,13 @@ class VolumeStage:
         """The statement's value, as Spark evaluates it (the same operations, in the same order)."""
         if self.target is None:
             return cell
-        if self.target == "log_ratio":
-            volume = (vol_moving_avg + 1.0) * cell - 1.0
-        elif self.target == "ratio":
-            volume = vol_moving_avg * cell
-        else:
-            volume = cell
+        with np.errstate(over="ignore", invalid="ignore"):  # inf, as in Spark; clipped below
+            if self.target == "log_ratio":
+                volume = (vol_moving_avg + 1.0) * cell - 1.0
+            elif self.target == "ratio":
+                volume = vol_moving_avg * cell
+            else:
+                volume = cell
         # least(2^53, v) keeps v only below 2^53 (Spark orders NaN above everything), then
         # greatest(0.0, v) keeps v only above 0 (so -0.0 becomes 0.0, as in Spark).
         volume = np.where(volume < MAX_PREDICTED_VOLUME, volume, MAX_PREDICTED_VOLUME)
@@ -244,6 +245,7 @@ class VolumeStage:
 
     def apply_one(self, vol_moving_avg: float, cell: float) -> float:
         """``apply`` for one row with Python floats (the same IEEE double operations)."""
+        vol_moving_avg, cell = float(vol_moving_avg), float(cell)
         if self.target is None:
             return cell
         if self.target == "log_ratio":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from pyspark.ml import Pipeline, PipelineModel
 from pyspark.ml.feature import VectorAssembler
 from pyspark.ml.regression import DecisionTreeRegressor, RandomForestRegressor
 from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, LongType, StructField, StructType
 
 import serving.forest
@@ -32,6 +34,9 @@ from serving.forest import (
     load_model,
     main,
 )
+from serving.strictmath import strict_exp
+from stockvol import train
+from stockvol.config import load_config
 from stockvol.schema import FEATURE_COLUMNS, VOLUME
 
 # depth -> maxBins: shallow and default-sized forests, and a deeper one with finer bins.
@@ -361,3 +366,108 @@ def test_check_command_reports_a_model_or_why_not(
     (tmp_path / "model").mkdir()
     assert main([str(tmp_path / "model")]) == 1
     assert "ModelFormatError" in capsys.readouterr().err
+
+
+# --- the stage after the forest: the target form turned back into a volume ------------------
+
+TARGETS = ("log_ratio", "ratio", "volume")
+
+
+def fit_target_pipeline(spark: SparkSession, path: Path, target: str) -> Path:
+    """The train job's own pipeline (stockvol.train.build_pipeline) fitted on training_rows()."""
+    params = replace(load_config().model, target=target, num_trees=30, max_depth=5)
+    frame = spark.createDataFrame(training_rows()).withColumn(
+        train.TARGET, F.expr(train.TARGET_SQL[target])
+    )
+    train.build_pipeline(params).fit(frame.where(F.col(train.TARGET).isNotNull())).write().save(
+        str(path)
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def target_cases(
+    spark: SparkSession, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[Path, np.ndarray, np.ndarray]]:
+    """target -> (model directory, inputs, Spark's predictions on them)."""
+    cases = {}
+    for seed, target in enumerate(TARGETS):
+        model_dir = fit_target_pipeline(spark, tmp_path_factory.mktemp(target) / "model", target)
+        x = parity_inputs(model_dir, seed=seed)
+        cases[target] = (model_dir, x, spark_predictions(spark, model_dir, x))
+    return cases
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_target_form_predicts_exactly_as_spark(
+    target: str, target_cases: dict[str, tuple[Path, np.ndarray, np.ndarray]]
+) -> None:
+    model_dir, x, expected = target_cases[target]
+    grid, walk = load_model(model_dir), load_model(model_dir, max_grid_cells=0)
+    assert (grid.evaluator, walk.evaluator) == ("grid", "walk")
+    assert grid.info["target"] == target and len(grid.info["stages"]) == 3
+    np.testing.assert_array_equal(grid.predict(x), expected)
+    np.testing.assert_array_equal(walk.predict(x), expected)
+    np.testing.assert_array_equal([grid.predict_one(a, b) for a, b in x], expected)
+    np.testing.assert_array_equal([walk.predict_one(a, b) for a, b in x[-200:]], expected[-200:])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_predicted_volumes_are_never_negative_or_infinite(
+    target: str, target_cases: dict[str, tuple[Path, np.ndarray, np.ndarray]]
+) -> None:
+    """vol_moving_avg = 0, subnormal, huge, infinite: always a volume in [0, 2^53] (Spark too)."""
+    model_dir, x, expected = target_cases[target]
+    assert np.all((expected >= 0) & (expected <= 2.0**53))
+    model = load_model(model_dir)
+    edge = np.array([[v, 40.0] for v in (0.0, 5e-324, 1e-300, 1e300, 1.7976931348623157e308)])
+    predicted = model.predict(edge)
+    assert np.all((predicted >= 0) & (predicted <= 2.0**53))
+    if target == "ratio":
+        assert predicted[0] == 0.0  # a ratio of nothing is nothing
+    if target != "volume":
+        assert predicted[-1] == 2.0**53  # beyond every double's exact integers: clipped
+
+
+def test_the_reader_knows_exactly_the_statements_the_train_job_writes() -> None:
+    assert {t: train.volume_statement(t) for t in TARGETS} == serving.forest.VOLUME_STATEMENTS
+    assert serving.forest.FOREST_PREDICTION == train.FOREST_PREDICTION
+    assert serving.forest.PREDICTION == train.PREDICTION
+    assert float(train.MAX_PREDICTED_VOLUME.rstrip("D")) == serving.forest.MAX_PREDICTED_VOLUME
+
+
+def test_an_unknown_statement_or_stage_after_the_forest_is_refused(
+    target_cases: dict[str, tuple[Path, np.ndarray, np.ndarray]], tmp_path: Path
+) -> None:
+    model_dir = copy_model(target_cases["log_ratio"][0], tmp_path / "statement")
+    statement = train.volume_statement("log_ratio").replace("exp(", "expm1(")
+    (part,) = (stage_dir(model_dir, 2) / "metadata").glob("part-*")
+    metadata = json.loads(part.read_text())
+    metadata["paramMap"]["statement"] = statement
+    part.write_text(json.dumps(metadata) + "\n")
+    with pytest.raises(ModelFormatError, match="unknown SQLTransformer statement"):
+        load_model(model_dir)
+
+    model_dir = copy_model(target_cases["ratio"][0], tmp_path / "stage")
+    edit_metadata(stage_dir(model_dir, 2), **{"class": "org.apache.spark.ml.feature.Bucketizer"})
+    with pytest.raises(ModelFormatError, match="expected a .*SQLTransformer"):
+        load_model(model_dir)
+
+
+def test_strict_exp_equals_spark_sql_exp_bit_for_bit(spark: SparkSession) -> None:
+    rng = np.random.default_rng(11)
+    special = [0.0, -0.0, 1.0, -1.0, 5e-324, 1e-300, 3.7e-9, np.log(2) / 2, 1.5 * np.log(2)]
+    special += [709.78, 709.79, -708.39, -745.13, -745.14, -740.0, 800.0, -800.0, np.inf, -np.inf]
+    x = np.concatenate(
+        [
+            rng.uniform(-750.0, 750.0, 40_000),
+            rng.normal(0.0, 1.0, 40_000),  # where the model's log ratios live
+            rng.normal(0.0, 1e-8, 2_000),
+            np.nextafter(np.array(special[7:9]), [np.inf, -np.inf]),
+            special,
+        ]
+    )
+    frame = spark.createDataFrame(pd.DataFrame({"row": np.arange(x.size), "x": x}))
+    got = frame.selectExpr("row", "exp(x) AS e").toPandas().sort_values("row")["e"].to_numpy()
+    np.testing.assert_array_equal(strict_exp(x), got)
+    assert np.isnan(strict_exp(np.array([np.nan])))[0]
