@@ -1,6 +1,6 @@
-"""Acquire the raw data into DATA/raw: Kaggle, a local archive or folder, or the generated sample.
+"""Acquire the raw data into DATA/raw: Kaggle, the shipped real files, an archive, or the generator.
 
-    python jobs/download.py [--source auto|kaggle|sample|PATH] [--data-dir DIR] [--force]
+    python jobs/download.py [--source auto|kaggle|real|sample|PATH] [--data-dir DIR] [--force]
                             [--symbols N] [--seed S] [--rows-multiplier X]
 
 No Spark: this runs with plain python (spark-submit works too). Defaults come from
@@ -27,8 +27,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", help="root of raw/, lake/ and model/ (default: data)")
     parser.add_argument(
         "--source",
-        help="auto (Kaggle if credentials exist, else sample), kaggle, sample, "
-        "or PATH to archive.zip or an extracted folder (default: dataset.source)",
+        help="auto (Kaggle if credentials exist, else real), kaggle, real (the 52 real Kaggle "
+        "files shipped with the project), sample (generated, any size), or PATH to archive.zip "
+        "or an extracted folder (default: dataset.source)",
     )
     parser.add_argument("--force", action="store_true", help="replace DATA/raw if present")
     parser.add_argument("--symbols", type=int, help="sample: number of symbols")

@@ -11,8 +11,6 @@ from pyspark.sql import SparkSession
 from stockvol.config import Config, load_config
 from stockvol.spark import build_session
 
-FIXTURES = Path(__file__).parent / "fixtures"
-
 
 @pytest.fixture(scope="session")
 def spark() -> Iterator[SparkSession]:

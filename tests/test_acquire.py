@@ -34,10 +34,11 @@ from stockvol.acquire import (
     find_kaggle_credentials,
 )
 from stockvol.config import Config, load_config
+from tests.real_files import REAL_DIR, quirk_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "jobs" / "download.py"
-REAL = Path(__file__).parent / "fixtures" / "kaggle-sample"
+REAL = quirk_sample()
 USER, KEY = "alice", "k3y-that-must-never-be-printed"
 DOWNLOAD_PATH = "/api/v1/datasets.DatasetApiService/DownloadDataset"
 
@@ -357,17 +358,19 @@ def test_kaggle_without_credentials_does_not_import_the_client(
 # ---- the sample, archives and folders ----------------------------------------------------------
 
 
-def test_auto_without_credentials_writes_the_sample_and_says_so(
+def test_auto_without_credentials_copies_the_real_files_and_says_so(
     no_credentials: dict[str, str], config: Config, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.INFO, logger="stockvol"):
-        summary = acquire(sample_config(config, symbols=12), source="auto", env=no_credentials)
-    assert "no Kaggle credentials found, so using the generated sample" in caplog.text
-    assert "kaggle.json" in caplog.text  # and how to get the real data
-    assert summary.details["source"] == "sample"
-    meta = (config.raw_dir / "symbols_valid_meta.csv").read_text().splitlines()
-    assert len(meta) == 1 + 12
-    assert summary.rows_out > 0 and summary.details["quirks"]
+        summary = acquire(config, source="auto", env=no_credentials)
+    assert "no Kaggle credentials found, so using the 52 real Kaggle files" in caplog.text
+    assert "kaggle.json" in caplog.text  # and how to get the whole dataset
+    assert summary.details["source"] == "real"
+    # Byte for byte the files the package ships, and nothing else (SOURCES.md stays behind).
+    assert layout_files(config.raw_dir) == layout_files(REAL_DIR)
+    assert not (config.raw_dir / "SOURCES.md").exists()
+    assert summary.details["files"] == 52  # CSV files
+    assert summary.rows_out == 304_714  # data rows, as SOURCES.md counts them
     assert leftovers(config.data_dir) == []
 
 

@@ -6,7 +6,6 @@ import math
 import shutil
 from collections.abc import Iterator
 from datetime import date, timedelta
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -39,8 +38,9 @@ from stockvol.schema import (
     VOLUME,
 )
 from stockvol.storage import TableNotFoundError, read_table, write_table
+from tests.real_files import quirk_sample
 
-FIXTURES = Path(__file__).parent / "fixtures" / "kaggle-sample"
+FIXTURES = quirk_sample()
 PRICE_NAMES = [f.name for f in PRICES_SCHEMA]
 FEATURE_NAMES = [f.name for f in FEATURES_SCHEMA]
 

@@ -17,8 +17,9 @@ from stockvol.config import Config, apply_overrides
 from stockvol.ingest import IngestInputError, run
 from stockvol.schema import CSV_COLUMNS, PRICES_SCHEMA
 from stockvol.storage import FileWriter, TableWrite, read_table
+from tests.real_files import quirk_sample
 
-FIXTURES = Path(__file__).parent / "fixtures"
+REAL = quirk_sample()
 
 HEADER = ",".join(CSV_COLUMNS)
 BAD_FILE = """\
@@ -50,7 +51,7 @@ EXPECTED_BAD_REASONS = {
 def _raw_folder(root: Path) -> Path:
     """Real Kaggle fixtures plus generated files with every quirk ingest must survive."""
     raw = root / "raw"
-    shutil.copytree(FIXTURES / "kaggle-sample", raw, ignore=shutil.ignore_patterns("*.md"))
+    shutil.copytree(REAL, raw, ignore=shutil.ignore_patterns("*.md"))
     good = f"{HEADER}\n2020-01-02,1.0,2.0,0.5,1.5,1.4,100\n"
     (raw / "stocks" / "BAD.csv").write_text(f"{HEADER}\n{BAD_FILE}")
     (raw / "stocks" / "HDRONLY.csv").write_text(f"{HEADER}\n")
@@ -122,7 +123,7 @@ def test_every_line_is_in_prices_or_rejects(
 def test_prices_equal_an_independent_pandas_reading(spark: SparkSession, ingested: dict) -> None:
     config, _ = ingested["delta"]
     prices = read_table(spark, config.prices_path, "delta").toPandas()
-    for path in sorted((FIXTURES / "kaggle-sample").glob("*/*.csv")):
+    for path in sorted((REAL).glob("*/*.csv")):
         # round_trip: the exactly-rounded parse (pandas' default fast parser may be off by 1 ulp).
         oracle = pd.read_csv(path, dtype={"Date": str}, float_precision="round_trip").dropna()
         got = prices[prices["Symbol"] == path.stem].sort_values("Date").reset_index(drop=True)
@@ -172,7 +173,7 @@ def test_names_come_from_the_nasdaq_symbol_column_trimmed(
     config, _ = ingested["delta"]
     prices = read_table(spark, config.prices_path, "delta").toPandas()
     names = dict(zip(prices["Symbol"], prices["Security Name"], strict=True))
-    meta = pd.read_csv(FIXTURES / "kaggle-sample" / "symbols_valid_meta.csv", dtype=str)
+    meta = pd.read_csv(REAL / "symbols_valid_meta.csv", dtype=str)
     by_file_name = dict(zip(meta["NASDAQ Symbol"], meta["Security Name"].str.strip(), strict=True))
     for symbol in ("AGM-A", "CARR#", "LGF.B", "HBAN", "VSL"):
         assert names[symbol] == by_file_name[symbol]
@@ -225,7 +226,7 @@ def test_files_without_data_give_empty_tables_with_the_contract_schema(
 ) -> None:
     config = apply_overrides(Config(data_dir=tmp_path), storage_format=storage_format)
     (config.raw_dir / "stocks").mkdir(parents=True)
-    shutil.copy(FIXTURES / "kaggle-sample" / "symbols_valid_meta.csv", config.raw_dir)
+    shutil.copy(REAL / "symbols_valid_meta.csv", config.raw_dir)
     (config.raw_dir / "stocks" / "HDRONLY.csv").write_text(f"{HEADER}\n")
     summary = run(spark, config)
     assert (summary.rows_in, summary.rows_out, summary.rows_rejected) == (0, 0, 0)

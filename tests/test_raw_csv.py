@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from datetime import date
 from io import BytesIO
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,8 +16,9 @@ from stockvol.raw_csv import (
     parse_file,
     reject_repeated_dates,
 )
+from tests.real_files import quirk_sample
 
-FIXTURES = Path(__file__).parent / "fixtures" / "kaggle-sample"
+FIXTURES = quirk_sample()
 TODAY = date(2026, 11, 26)
 GOOD = b"2020-01-02,1.0,2.0,0.5,1.5,1.4,100"
 

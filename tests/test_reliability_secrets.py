@@ -39,10 +39,11 @@ import yaml
 from serving.app import create_app
 from stockvol.acquire import AcquireError, acquire
 from stockvol.config import load_config
+from tests.real_files import quirk_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 DOWNLOAD = ROOT / "jobs" / "download.py"
-FIXTURE = ROOT / "tests" / "fixtures" / "kaggle-sample"
+FIXTURE = quirk_sample()
 GUNICORN = Path(sys.executable).parent / "gunicorn"
 USER = "reliability-user"
 # Fresh per run and never written to the repository: a hit anywhere is a leak from this run.

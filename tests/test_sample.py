@@ -1,7 +1,7 @@
 """The sample generator: Kaggle layout, every real-data quirk, pandas formatting, determinism.
 
 Every expectation is read back from the written files with pandas or plain text, or compared with
-the real Kaggle files in tests/fixtures/kaggle-sample; none is recomputed with the generator's code.
+the real Kaggle files in lib/stockvol/kaggle_sample; none is recomputed with the generator's code.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from stockvol.sample import (
     plan_sample,
 )
 from stockvol.schema import CSV_COLUMNS, META_COLUMNS
+from tests.real_files import quirk_sample
 
-REAL = Path(__file__).parent / "fixtures" / "kaggle-sample"
+REAL = quirk_sample()
 HEADER = ",".join(CSV_COLUMNS)
 PRICES = ["Open", "High", "Low", "Close", "Adj Close"]
 

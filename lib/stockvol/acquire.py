@@ -1,4 +1,5 @@
-"""Acquire the raw data: the Kaggle dataset, a local archive or folder, or the generated sample.
+"""Acquire the raw data: the Kaggle dataset, the real files shipped with the package, a local
+archive or folder, or the generated sample.
 
 Whatever the source, the result is ``DATA/raw/{stocks,etfs}/*.csv`` plus
 ``DATA/raw/symbols_valid_meta.csv``, exactly as the Kaggle archive holds them. Everything is
@@ -28,7 +29,10 @@ from stockvol.summary import StageSummary
 
 log = logging.getLogger("stockvol.acquire")
 
-SOURCES = ("auto", "kaggle", "sample")
+SOURCES = ("auto", "kaggle", "real", "sample")
+# 52 real Kaggle files (35 stocks, 17 ETFs) and the full symbols_valid_meta.csv, byte for byte:
+# the offline default. Their origin: SOURCES.md in that folder.
+BUNDLED_DIR = Path(__file__).resolve().parent / "kaggle_sample"
 MARKER_FILE = ".acquired.json"  # what was acquired, from where; dot-named so no glob sees it
 STAGING_PREFIX = ".raw.partial-"  # the new raw/ being assembled
 OLD_PREFIX = ".raw.old-"  # the previous raw/, set aside for the moment of the swap
@@ -119,7 +123,8 @@ def missing_credentials_help(env: Mapping[str, str] | None = None, home: Path | 
     """The error for --source kaggle without credentials: where to put them, and the fallbacks."""
     return (
         f"no Kaggle credentials found. To download the dataset, {kaggle_howto(env, home)}. "
-        "Without Kaggle: --source sample writes synthetic data in the same layout."
+        "Without Kaggle: --source real copies the 52 real Kaggle files shipped with the project; "
+        "--source sample writes synthetic data in the same layout, at any size."
     )
 
 
@@ -338,10 +343,10 @@ def _kaggle_error(err: Exception, dataset: str, credentials: KaggleCredentials) 
 
 
 def resolve_source(source: str, credentials: KaggleCredentials | None) -> str:
-    """``auto`` -> ``kaggle`` when credentials exist, else ``sample``; others unchanged."""
+    """``auto`` -> ``kaggle`` when credentials exist, else ``real``; others unchanged."""
     if source != "auto":
         return source
-    return "kaggle" if credentials else "sample"
+    return "kaggle" if credentials else "real"
 
 
 def raw_present(raw_dir: Path) -> bool:
@@ -376,10 +381,9 @@ def acquire(
             log.info("source auto: Kaggle credentials found in %s -> Kaggle", credentials.where)
         else:
             log.info(
-                "source auto: no Kaggle credentials found, so using the generated sample "
-                "(%d symbols, seed %d), not the real data. For the real data: %s",
-                config.sample_symbols,
-                config.sample_seed,
+                "source auto: no Kaggle credentials found, so using the 52 real Kaggle files "
+                "shipped with the project (%s), not the whole dataset. For all 8,049 files: %s",
+                BUNDLED_DIR,
                 kaggle_howto(env),
             )
 
@@ -448,6 +452,12 @@ def acquire(
         elif chosen == "kaggle":
             download_kaggle(config.kaggle_id, staging, credentials)  # type: ignore[arg-type]
             details.update(description=f"Kaggle {config.kaggle_id}", dataset=config.kaggle_id)
+        elif chosen == "real":
+            copy_folder(BUNDLED_DIR, staging)
+            details.update(
+                description=f"the real Kaggle files shipped with the project ({BUNDLED_DIR.name})",
+                dataset=config.kaggle_id,
+            )
         elif Path(chosen).expanduser().is_dir():
             copy_folder(Path(chosen).expanduser(), staging)
             details.update(description=f"copied from {Path(chosen).resolve()}")
