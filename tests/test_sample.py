@@ -27,7 +27,7 @@ from stockvol.sample import (
     plan_sample,
 )
 from stockvol.schema import CSV_COLUMNS, META_COLUMNS
-from tests.real_files import quirk_sample
+from tests.real_files import REAL_DIR, quirk_sample
 
 REAL = quirk_sample()
 HEADER = ",".join(CSV_COLUMNS)
@@ -279,3 +279,50 @@ def test_ar1_filter_equals_the_recursion() -> None:
             state = phi * state + shock
             expected.append(state)
         np.testing.assert_allclose(ar1_filter(shocks, phi), expected, rtol=1e-12, atol=1e-12)
+
+
+def volume_statistics(raw: Path) -> dict[str, float]:
+    """The volume process as the model sees it, read from the files with pandas: the spread of
+    symbols' mean log volume, quantiles of r = log1p(Volume) - log1p(previous 30-row mean), and
+    the median over symbols of r's lag-1 autocorrelation (symbols with at least 100 rows)."""
+    means, ratios, autocorrelations = [], [], []
+    for path in csv_files(raw):
+        volume = pd.read_csv(path, usecols=["Volume"])["Volume"].dropna().to_numpy(float)
+        if len(volume) < 100:
+            continue
+        means.append(np.log1p(volume).mean())
+        average = pd.Series(volume).rolling(30).mean().to_numpy()
+        r = np.log1p(volume[30:]) - np.log1p(average[29:-1])
+        ratios.append(r)
+        if r.std() > 0:
+            autocorrelations.append(np.corrcoef(r[:-1], r[1:])[0, 1])
+    q10, q50, q90 = np.quantile(np.concatenate(ratios), [0.1, 0.5, 0.9])
+    return {
+        "symbol_spread": float(np.std(means)),
+        "r_q10": q10,
+        "r_median": q50,
+        "r_q90": q90,
+        "r_lag1_autocorrelation": float(np.median(autocorrelations)),
+    }
+
+
+# Real (52 files): spread 3.45, r quantiles -0.77 / -0.12 / 0.50, autocorrelation 0.39. The 52
+# real files over-represent giants and tiny ETFs, so the spread gets the widest tolerance.
+TOLERANCES = {
+    "symbol_spread": 0.8,
+    "r_q10": 0.12,
+    "r_median": 0.08,
+    "r_q90": 0.12,
+    "r_lag1_autocorrelation": 0.12,
+}
+
+
+@pytest.mark.parametrize(("symbols", "seed"), [(60, 42), (200, 7)])
+def test_generated_volumes_behave_like_the_real_files(
+    symbols: int, seed: int, tmp_path: Path
+) -> None:
+    real = volume_statistics(REAL_DIR)
+    generate_sample(tmp_path / "raw", symbols, seed=seed)
+    generated = volume_statistics(tmp_path / "raw")
+    for name, tolerance in TOLERANCES.items():
+        assert abs(generated[name] - real[name]) <= tolerance, (name, generated, real)

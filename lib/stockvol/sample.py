@@ -414,11 +414,15 @@ def symbol_series(spec: SymbolSpec, seed: int) -> dict[str, np.ndarray]:
     adj = close * np.exp(dividend_yield * t * n / 252)  # <= close: dividends paid since
 
     # Volume: a per-symbol level, a slow trend and an AR(1) deviation that persists for weeks,
-    # plus day-to-day noise; so a trailing 30-day mean is a good predictor, as in the real set.
-    level = rng.lognormal(math.log(1e5 if spec.etf else 3e5), 1.6)
+    # plus day-to-day noise with occasional spikes (news days), so the 30-day mean sits above the
+    # typical day, as in the real set; a trailing 30-day mean is a good predictor. Calibrated on
+    # the real files (tests/test_sample.py: spread across symbols, log(Volume / average), its
+    # lag-1 autocorrelation).
+    level = rng.lognormal(math.log(1e5 if spec.etf else 3e5), 2.8)
     phi = rng.uniform(0.95, 0.995)
     persistent = _ar1(rng, n, phi, rng.uniform(0.3, 0.6))
-    noise = rng.normal(0.0, rng.uniform(0.15, 0.35), n)
+    spikes = np.where(rng.random(n) < 0.05, rng.exponential(0.8, n), 0.0)
+    noise = rng.normal(0.0, rng.uniform(0.2, 0.4), n) + spikes
     growth = rng.uniform(0.0, 2.0) * t
     p_zero = rng.uniform(0.002, 0.1) if rng.random() < 0.15 else 0.0
     zero_draw = rng.random(n)
