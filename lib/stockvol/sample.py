@@ -421,8 +421,10 @@ def symbol_series(spec: SymbolSpec, seed: int) -> dict[str, np.ndarray]:
     level = rng.lognormal(math.log(1e5 if spec.etf else 3e5), 2.8)
     phi = rng.uniform(0.95, 0.995)
     persistent = _ar1(rng, n, phi, rng.uniform(0.3, 0.6))
-    spikes = np.where(rng.random(n) < 0.05, rng.exponential(0.8, n), 0.0)
-    noise = rng.normal(0.0, rng.uniform(0.2, 0.4), n) + spikes
+    # At most e^3 (20x) above the day's level: the heaviest real news days.
+    spikes = np.where(rng.random(n) < 0.05, np.minimum(rng.exponential(0.8, n), 3.0), 0.0)
+    # Busy days cluster: the daily part is itself autocorrelated over a few days.
+    noise = _ar1(rng, n, rng.uniform(0.1, 0.35), rng.uniform(0.2, 0.4)) + spikes
     growth = rng.uniform(0.0, 2.0) * t
     p_zero = rng.uniform(0.002, 0.1) if rng.random() < 0.15 else 0.0
     zero_draw = rng.random(n)
