@@ -21,7 +21,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 setup: $(VENV)/.installed  ## create .venv with the package and its dev extras (idempotent)
 
-run: setup download pipeline  ## acquire the data (Kaggle, or the embedded sample) and run every stage
+run: setup download pipeline  ## acquire the data (Kaggle, or the real files shipped here) and run every stage
 	@echo "outputs: $(DATA)/raw  $(DATA)/lake/{prices,rejects,features}  $(DATA)/model (metrics.json)"
 
 download: setup

@@ -594,11 +594,14 @@ def test_each_target_form_fits_its_label_and_the_model_outputs_a_volume(
     params = replace(load_config().model, target=target, num_trees=5, max_depth=3)
     frame = train_module.fit_frame(spark.createDataFrame(rows), params)
     fitted = frame.toPandas().sort_values(["vol_moving_avg", "Volume"]).reset_index(drop=True)
-    # The label each form fits, computed with numpy; the ratio leaves out the rows averaging 0.
+    # The label each form fits, computed with numpy; the log ratio leaves out the days without a
+    # trade, the ratio the rows averaging 0.
     oracle = rows.sort_values(["vol_moving_avg", "Volume"]).reset_index(drop=True)
     v, a = oracle["Volume"].to_numpy(float), oracle["vol_moving_avg"].to_numpy()
-    if target == "log_ratio":
-        label = np.log1p(v) - np.log1p(a)
+    if target == "log_ratio":  # days that traded
+        keep = v > 0
+        label = np.log1p(v[keep]) - np.log1p(a[keep])
+        oracle = oracle[keep].reset_index(drop=True)
     elif target == "ratio":
         keep = a > 0
         label, oracle = v[keep] / a[keep], oracle[keep].reset_index(drop=True)

@@ -63,13 +63,17 @@ REQUIRED_COLUMNS = (SYMBOL, DATE, LABEL, *FEATURE_COLUMNS)
 # clipped to [0, 2^53], so it is never negative, infinite or NaN for finite, non-negative features.
 MAX_PREDICTED_VOLUME = "9007199254740992.0D"
 # Rank accuracy of the median absolute percentage error (percentile_approx): exact below this many
-# test rows, within rows / accuracy ranks above it.
-MEDIAN_ACCURACY = 100_000
+# test rows, within rows / accuracy ranks above it (±0.01 % of the rows: ±550 of 5.5 M at full
+# size).
+MEDIAN_ACCURACY = 10_000
 
-# The label each target form fits (Volume >= 0, vol_moving_avg >= 0). The ratio is undefined where
-# the average is 0: those rows are left out of the fit (not of the test set).
+# The label each target form fits (Volume >= 0, vol_moving_avg >= 0); rows where it is null are
+# left out of the fit, not of the test set. The log ratio skips days without a trade: their
+# -log1p(average), about -10, would drag the forest's mean for thin symbols far below any day
+# that trades (median error on symbols under 10k shares a day: 45% instead of 30%, full-size
+# generated data). The ratio is undefined where the average is 0.
 TARGET_SQL = {
-    "log_ratio": f"log1p(`{LABEL}`) - log1p(`{VOL_MOVING_AVG}`)",
+    "log_ratio": (f"CASE WHEN `{LABEL}` > 0 THEN log1p(`{LABEL}`) - log1p(`{VOL_MOVING_AVG}`) END"),
     "ratio": f"CASE WHEN `{VOL_MOVING_AVG}` > 0 THEN `{LABEL}` / `{VOL_MOVING_AVG}` END",
     "volume": f"CAST(`{LABEL}` AS DOUBLE)",
 }
