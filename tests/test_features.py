@@ -309,6 +309,26 @@ def test_files_whose_symbol_ranges_overlap_are_read_to_find_split_symbols(
     assert_matches_oracle(read_table(spark, config.features_path, "parquet"), prices, 30, "approx")
 
 
+def test_a_symbol_split_across_two_files_touching_ranges_is_shuffled(
+    spark: SparkSession, config: Config
+) -> None:
+    """Spark's ``maxRecordsPerFile`` cuts a symbol's rows over two files whose Symbol ranges
+    touch (A-C and C-E): equal bounds are no proof the files hold different symbols, so C is
+    found by reading Symbol and shuffled, and its windows run over all its rows."""
+    prices = generated_prices(dict.fromkeys("ABCDEF", 40), seed=17)
+    config = with_window(config, 30, "approx", "parquet")
+    key = "spark.sql.files.maxRecordsPerFile"
+    spark.conf.set(key, "100")  # 240 rows in order: A B C[:20] | C[20:] D E | F
+    try:
+        write_table(prices_frame(spark, prices, 1), config.prices_path, "parquet")
+    finally:
+        spark.conf.unset(key)
+    summary = run(spark, config)
+    assert summary.details["split_symbols_found_by"] == "reading Symbol"
+    assert (summary.details["files"], summary.details["symbols_shuffled"]) == (3, 1)
+    assert_matches_oracle(read_table(spark, config.features_path, "parquet"), prices, 30, "approx")
+
+
 def test_the_dataframe_function_equals_oracle(spark: SparkSession, small_batches: None) -> None:
     """``add_rolling_features`` on rows that are in no file (7-row Arrow batches)."""
     prices = generated_prices({"A": 31, "B": 64, "C": 2}, seed=12)
