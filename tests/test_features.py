@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 from collections.abc import Iterator
 from datetime import date, timedelta
 from pathlib import Path
@@ -15,18 +16,21 @@ import pytest
 from chispa import assert_df_equality
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pyspark import cloudpickle
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
-from stockvol import ingest
+from stockvol import features, ingest
 from stockvol.config import MEDIAN_MODES, Config, apply_overrides
 from stockvol.features import (
     FeaturesInputError,
+    FileFeaturesTask,
     add_rolling_features,
     features_table,
     run,
 )
+from stockvol.ingest import ConservationError
 from stockvol.schema import (
     ADJ_CLOSE,
     ADJ_CLOSE_ROLLING_MED,
@@ -38,7 +42,7 @@ from stockvol.schema import (
     VOL_MOVING_AVG,
     VOLUME,
 )
-from stockvol.storage import TableNotFoundError, read_table, write_table
+from stockvol.storage import TableNotFoundError, read_parquet, read_table, write_table
 
 FIXTURES = Path(__file__).parent / "fixtures" / "kaggle-sample"
 PRICE_NAMES = [f.name for f in PRICES_SCHEMA]
@@ -424,6 +428,38 @@ def test_bad_prices_fail_clearly_and_keep_the_previous_features(
         assert_matches_oracle(
             read_table(spark, config.features_path, "parquet"), prices, 30, "approx"
         )
+
+
+class DropsARow(FileFeaturesTask):
+    """A features task with a bug: the first row of each file it reads vanishes."""
+
+    def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        files = [file for batch in batches for file in batch.column("file").to_pylist()]
+        tables = (
+            features_table(read_parquet(file, self.source.columns), self.window, self.median)
+            for file in files
+        )
+        yield features._written(self.target, 0, (table.slice(1) for table in tables))
+
+
+def test_a_row_lost_by_a_task_is_a_conservation_error(
+    spark: SparkSession, config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows the tasks wrote are checked against the rows read before anything is published:
+    the previous features table stays."""
+    config = with_window(config, 30, fmt="parquet")
+    prices = generated_prices(dict.fromkeys("ABC", 40), seed=3)
+    write_table(prices_frame(spark, prices, 3), config.prices_path, "parquet")
+    run(spark, config)
+    module = sys.modules[__name__]
+    cloudpickle.register_pickle_by_value(module)  # the executors cannot import this module
+    monkeypatch.setattr(features, "FileFeaturesTask", DropsARow)
+    try:
+        with pytest.raises(ConservationError, match="117 rows written, 120 read"):
+            run(spark, config)
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+    assert_matches_oracle(read_table(spark, config.features_path, "parquet"), prices, 30, "approx")
 
 
 def test_missing_prices_table_names_the_job_to_run(spark: SparkSession, config: Config) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -10,11 +12,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pyspark import cloudpickle
 from pyspark.sql import SparkSession
 from pyspark.sql.pandas.types import from_arrow_schema
 
+from stockvol import ingest
 from stockvol.config import Config, apply_overrides
-from stockvol.ingest import IngestInputError, run
+from stockvol.ingest import ConservationError, IngestInputError, IngestTask, run
 from stockvol.schema import CSV_COLUMNS, PRICES_SCHEMA
 from stockvol.storage import FileWriter, TableWrite, read_table
 
@@ -233,3 +237,37 @@ def test_files_without_data_give_empty_tables_with_the_contract_schema(
     assert prices.count() == 0
     assert [f.name for f in prices.schema.fields] == PRICES_SCHEMA.names
     assert read_table(spark, config.rejects_path, storage_format).count() == 0
+
+
+class DropsALine(IngestTask):
+    """An ingest task with a bug: the first line of each file classified line by line vanishes
+    from prices, rejects and the counts alike."""
+
+    def _parsed(self, source_file: str, table: pa.Table, *writers: FileWriter) -> Iterator:
+        yield from super()._parsed(source_file, table.slice(1), *writers)
+
+
+@pytest.fixture
+def lossy_ingest(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Ingest runs ``DropsALine`` in its Spark tasks (shipped by value: the executors cannot
+    import this test module)."""
+    module = sys.modules[__name__]
+    cloudpickle.register_pickle_by_value(module)
+    monkeypatch.setattr(ingest, "IngestTask", DropsALine)
+    yield
+    cloudpickle.unregister_pickle_by_value(module)
+
+
+def test_a_line_lost_by_a_task_is_a_conservation_error(
+    spark: SparkSession, tmp_path: Path, lossy_ingest: None
+) -> None:
+    """Lines read are counted from each file's bytes, not from its classification: a line that
+    a task drops from every output is still missed, and nothing is published."""
+    config = apply_overrides(Config(data_dir=tmp_path), storage_format="parquet")
+    (config.raw_dir / "stocks").mkdir(parents=True)
+    shutil.copy(FIXTURES / "kaggle-sample" / "symbols_valid_meta.csv", config.raw_dir)
+    (config.raw_dir / "stocks" / "BAD.csv").write_text(f"{HEADER}\n{BAD_FILE}")
+    (config.raw_dir / "stocks" / "GOOD.csv").write_text(f"{HEADER}\n2020-01-02,1,2,0.5,1.5,1.4,9\n")
+    with pytest.raises(ConservationError, match="stocks/BAD.csv: 11 read, 10 kept or rejected"):
+        run(spark, config)
+    assert not config.prices_path.exists() and not config.rejects_path.exists()

@@ -9,10 +9,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from stockvol.raw_csv import (
     HEADER,
     PARSED_SCHEMA,
+    count_lines,
     good_files,
     parse_file,
     reject_repeated_dates,
@@ -235,3 +238,34 @@ def test_a_day_that_does_not_exist_fails_only_its_own_file() -> None:
         False,
         True,
     ]
+
+
+# Lines of every kind the parser treats differently, for the line count's property test.
+LINE_KINDS = [
+    GOOD,
+    GOOD.replace(b"01-02", b"01-03"),
+    b"",  # empty: no row
+    b" ",
+    b"2020-01-08,1,2",
+    b'2020-01-03,"1.0,2.0,0.5,1.5,1.4,100',
+    b"2020-02-30,1,2,0.5,1.5,1.4,100",
+    b"\x00\x00",
+    b"x\xff",
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    header=st.sampled_from([HEADER, b"\xef\xbb\xbf" + HEADER, b"date,open", b""]),
+    lines=st.lists(st.sampled_from(LINE_KINDS), max_size=8),
+    end=st.sampled_from([b"\n", b"\r\n", b"\r"]),
+    final=st.booleans(),
+)
+@example(header=HEADER, lines=[LINE_KINDS[5]] * 2, end=b"\n", final=False)  # a quote over 2 lines
+def test_the_line_count_from_bytes_is_the_rows_parsing_returns(
+    header: bytes, lines: list[bytes], end: bytes, final: bool
+) -> None:
+    """``count_lines`` (ingest's independent count) agrees with ``parse_file`` on every shape of
+    file: a wrong header, empty lines, line ends, a missing final newline, a BOM."""
+    content = end.join([header, *lines]) + (end if final else b"")
+    assert count_lines(content) == parse_file(content, "stocks/T.csv", today=TODAY).num_rows
