@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import sys
 from collections.abc import Iterator
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -271,3 +272,21 @@ def test_a_line_lost_by_a_task_is_a_conservation_error(
     with pytest.raises(ConservationError, match="stocks/BAD.csv: 11 read, 10 kept or rejected"):
         run(spark, config)
     assert not config.prices_path.exists() and not config.rejects_path.exists()
+
+
+def test_the_drivers_utc_date_is_the_last_valid_date_in_every_task(
+    spark: SparkSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """'today' is taken once, on the driver (``today_utc``), and shipped to the tasks: a task's
+    own clock or time zone decides nothing."""
+    monkeypatch.setattr(ingest, "today_utc", lambda: date(2020, 1, 6))
+    config = apply_overrides(Config(data_dir=tmp_path), storage_format="parquet")
+    (config.raw_dir / "stocks").mkdir(parents=True)
+    shutil.copy(FIXTURES / "kaggle-sample" / "symbols_valid_meta.csv", config.raw_dir)
+    days = ["2020-01-03", "2020-01-06", "2020-01-07"]
+    lines = [f"{day},1,2,0.5,1.5,1.4,9" for day in days]
+    (config.raw_dir / "stocks" / "T.csv").write_text("\n".join([HEADER, *lines, ""]))
+    summary = run(spark, config)
+    assert summary.details["rejected_by_reason"] == {"bad_date": 1}
+    rejected = read_table(spark, config.rejects_path, "parquet").select("Date").collect()
+    assert [row["Date"] for row in rejected] == ["2020-01-07"]

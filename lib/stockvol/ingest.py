@@ -18,7 +18,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -218,6 +218,7 @@ class IngestTask:
     prices: TableWrite
     rejects: TableWrite
     names: dict[str, str]
+    today: date  # the last valid Date: one value for every task, whatever its clock or zone
     max_rows_per_file: int = 0  # 0: no limit
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -228,7 +229,7 @@ class IngestTask:
                 by_symbol[symbol_of(source_file)].append((source_file, path))
         prices = FileWriter(self.prices, self.max_rows_per_file)
         rejects = FileWriter(self.rejects, self.max_rows_per_file)
-        today = date.today()
+        today = self.today
         single: list[tuple[str, bytes]] = []  # symbols in one file, in order, read not parsed
         single_bytes = 0
         for _, files in sorted(by_symbol.items()):
@@ -307,6 +308,12 @@ class IngestTask:
         yield from file_counts(table, source_file).to_batches()
 
 
+def today_utc() -> date:
+    """Today's date in UTC, taken once on the driver: executors on other hosts, in other time
+    zones, or running past midnight would otherwise disagree on whether a date is in the future."""
+    return datetime.now(timezone.utc).date()
+
+
 def read_bytes(path: str) -> bytes:
     """A file's bytes, from the path Spark's file listing gives (``file:/...``, ``s3a://...``)."""
     filesystem, inner = open_path(path)
@@ -364,7 +371,7 @@ def run(spark: SparkSession, config: Config) -> StageSummary:
     prices = prepare_write(spark, config.prices_path, PRICES_SCHEMA, fmt)
     rejects = prepare_write(spark, config.rejects_path, REJECTS_SCHEMA, fmt)
     max_rows = int(spark.conf.get("spark.sql.files.maxRecordsPerFile", "0"))
-    task = IngestTask(prices, rejects, names, max_rows)
+    task = IngestTask(prices, rejects, names, today_utc(), max_rows)
     result = ingest_files(spark, raw_dir, task)
     counts = count_table(result)
     _check_conservation(counts)
