@@ -14,6 +14,7 @@ from pyspark.sql.pandas.types import to_arrow_schema
 from pyspark.sql.types import DoubleType, LongType, StringType, StructField, StructType
 
 from stockvol import storage
+from stockvol.spark import read_spark_defaults
 from stockvol.storage import (
     ConcurrentWriteError,
     FileWriter,
@@ -344,3 +345,28 @@ def test_table_files_needs_no_private_pyspark_constructor(
     source = table_files(spark, path, "delta")
     assert source is not None
     assert sum(pq.read_metadata(f).num_rows for f in source.files) == len(KEYED_ROWS)
+
+
+def test_a_task_attempt_that_ends_after_publish_adds_no_rows(
+    spark: SparkSession, tmp_path: Path
+) -> None:
+    """A speculative or orphaned attempt of a task whose files were already reported and
+    published can still write its own: they land in the write's staging area, never in the
+    live Parquet table. Speculation itself is off in the shared settings."""
+    path = tmp_path / "t"
+    target = prepare_write(spark, path, KEYED, "parquet")
+    table = pa.Table.from_pylist(
+        [dict(zip(KEYED.names, r, strict=True)) for r in KEYED_ROWS], to_arrow_schema(KEYED)
+    )
+    reported = FileWriter(target)
+    reported.add(table)
+    publish(spark, target, [file for file, _ in reported.close()])
+    late = FileWriter(target)  # the same pickled TableWrite, after publish
+    late.add(table)
+    late.close()
+    assert read_table(spark, path, "parquet").count() == len(KEYED_ROWS)
+    source = table_files(spark, path, "parquet")
+    assert source is not None
+    assert sum(pq.read_metadata(f).num_rows for f in source.files) == len(KEYED_ROWS)
+    defaults = read_spark_defaults(Path(__file__).parents[1] / "spark-defaults.conf")
+    assert defaults["spark.speculation"] == "false"

@@ -7,7 +7,7 @@ import logging
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -43,6 +43,9 @@ class ConcurrentWriteError(PipelineError):
 def _check_format(storage_format: str) -> None:
     if storage_format not in STORAGE_FORMATS:
         raise ValueError(f"storage format must be one of {STORAGE_FORMATS}, got {storage_format!r}")
+
+
+_TASKS_SUFFIX = ".tasks"
 
 
 def _versions_dir(path: Path) -> Path:
@@ -86,7 +89,7 @@ class TableWrite:
     path: Path  # the table
     storage_format: str
     schema: StructType  # the table's columns (logical names)
-    directory: Path  # where the tasks write the files
+    directory: Path  # where the tasks write the files (Parquet: beside the version, not in it)
     prefix: str  # every file of this write is named ``prefix`` + a fresh id + ``.parquet``
     file_schema: pa.Schema  # the files' columns: a Delta table's physical names, in schema order
     in_place: bool  # Delta: the files are committed where they are (else Spark copies them)
@@ -103,7 +106,8 @@ def prepare_write(
 ) -> TableWrite:
     """Get the table at ``path`` ready for a write of ``schema`` by tasks (see ``TableWrite``).
 
-    Parquet: the files go to a fresh version directory. Delta: into the table's own directory,
+    Parquet: the files go to a staging directory beside a fresh version directory, which
+    ``publish`` fills with the reported files only. Delta: into the table's own directory,
     named with the table's physical column names (column mapping), so ``publish`` commits them
     where they are. A Delta table that does not exist yet is created empty first. The files are
     staged aside and copied by Spark's public Delta writer instead when the table's columns
@@ -119,7 +123,7 @@ def prepare_write(
     arrow = to_arrow_schema(schema)
     staged = TableWrite(path, storage_format, schema, new_staging_dir(path), "part-", arrow, False)
     if storage_format == "parquet":
-        return staged
+        return replace(staged, directory=_tasks_dir(staged.directory))
     if not table_exists(path, "delta"):
         write_table(spark.createDataFrame([], schema), path, "delta")  # sets the properties
     fields = json.loads(_delta_log(spark, path).startTransaction().metadata().schemaString())
@@ -222,6 +226,13 @@ def _in_place_refusal(spark: SparkSession, snapshot) -> str | None:  # noqa: ANN
     return None
 
 
+def _tasks_dir(version: Path) -> Path:
+    """Where the tasks of a Parquet write put their files: beside the version directory, so a
+    task attempt that finishes after ``publish`` (speculative, or orphaned by a lost executor)
+    writes outside the live table."""
+    return version.with_name(f"{version.name}{_TASKS_SUFFIX}")
+
+
 def new_staging_dir(path: Path) -> Path:
     """A fresh directory name (not created) for a new version of the table at ``path``: it
     becomes the table itself for Parquet; for Delta it holds files staged for a copy."""
@@ -260,10 +271,15 @@ def publish(spark: SparkSession, target: TableWrite, files: list[str]) -> int:
         copied = reader.parquet(*files) if files else spark.createDataFrame([], target.schema)
         write_table(copied, target.path, "delta")
         return read_table(spark, target.path, "delta").count()
-    rows = sum(pq.read_metadata(target.directory / name).num_rows for name in listed)
+    # Parquet: the reported files move into the version directory, which becomes the table.
+    version = target.directory.with_name(target.directory.name.removesuffix(_TASKS_SUFFIX))
+    version.mkdir()
+    for name in listed:
+        os.replace(target.directory / name, version / name)
+    rows = sum(pq.read_metadata(version / name).num_rows for name in listed)
     if not files:  # an empty table still has its schema
-        pq.write_table(target.file_schema.empty_table(), target.directory / "part-empty.parquet")
-    _swap_in(target.directory, target.path)
+        pq.write_table(target.file_schema.empty_table(), version / "part-empty.parquet")
+    _swap_in(version, target.path)  # also removes the tasks' directory
     return rows
 
 
