@@ -7,7 +7,10 @@ SOURCE ?= auto
 # Python workers and the driver run the venv's interpreter, whoever starts Spark.
 export PYSPARK_PYTHON := $(PY)
 export PYSPARK_DRIVER_PYTHON := $(PY)
-SPARK_SUBMIT := $(VENV)/bin/spark-submit --properties-file spark-defaults.conf
+# Local runs: the portable spark-defaults.conf (read from SPARK_CONF_DIR) plus the tuning measured
+# in local mode, conf/spark-local.conf, whose settings win (docs/cluster.md, "Settings").
+SPARK_SUBMIT := SPARK_CONF_DIR=$(CURDIR) $(VENV)/bin/spark-submit --load-spark-defaults \
+	--properties-file conf/spark-local.conf
 
 .PHONY: setup run download pipeline ingest features train serve test lint format clean
 .PHONY: test-cluster cluster-up cluster-down cluster-pipeline bench bench-sweep bench-serving

@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from stockvol.config import load_config
+from stockvol.spark import session_settings
+from stockvol.storage import FILE_ROWS
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
 
@@ -88,3 +92,25 @@ def test_a_failing_stage_exits_1_with_its_message_and_no_traceback(
     assert result.returncode == 1, result.stdout + result.stderr
     assert len(errors) == 1 and message in errors[0], result.stdout
     assert "Traceback" not in result.stdout + result.stderr
+
+
+# --- the Spark settings a job gets ---------------------------------------------------------------
+
+
+def test_a_cluster_gets_the_portable_settings_and_local_mode_its_measured_tuning() -> None:
+    """spark-defaults.conf holds what is right anywhere; the tuning measured in local mode (the
+    JIT flags, 8 shuffle partitions) comes from conf/spark-local.conf with a local master only,
+    and nothing sets JVM flags for executors, which local mode has none of to measure."""
+    config = load_config()
+    cluster = session_settings(config, "spark://10.0.0.1:7077")
+    local = session_settings(config, "local[2]")
+    assert not [key for key, value in cluster.items() if "-XX:" in value]
+    assert "spark.sql.shuffle.partitions" not in cluster  # Spark's 200, coalesced adaptively
+    assert cluster["spark.speculation"] == "false"
+    assert local["spark.sql.shuffle.partitions"] == "8"
+    assert "-XX:Tier4InvocationThreshold" in local["spark.driver.defaultJavaOptions"]
+    assert not [k for k, v in local.items() if k.startswith("spark.executor") and "-XX:" in v]
+    # Room outside the JVM for a Python task per core (the compose worker has 2) holding a
+    # whole file: FILE_ROWS prices rows, about 300 bytes each with the features.
+    overhead_gib = int(cluster["spark.executor.memoryOverhead"].removesuffix("g"))
+    assert overhead_gib * 2**30 >= 2 * FILE_ROWS * 300
