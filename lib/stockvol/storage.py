@@ -182,8 +182,20 @@ _REFUSED_PROPERTIES = ("delta.appendOnly", "delta.enableChangeDataFeed", "delta.
 _REFUSED_COLUMN_METADATA = ("delta.invariants", "delta.generationExpression", "delta.identity.")
 
 
+# What _delta_api_mismatch found, per JVM and pinned API: it lists every method of each class
+# through py4j, a quarter to half a second, and a JVM's classes do not change.
+_API_CHECKS: dict[tuple, str | None] = {}
+
+
 def _delta_api_mismatch(spark: SparkSession) -> str | None:
     """The first pinned signature (``DELTA_API``) the running Delta lacks, or None."""
+    key = (id(spark._jvm), tuple(DELTA_API.items()))
+    if key not in _API_CHECKS:
+        _API_CHECKS[key] = _find_api_mismatch(spark)
+    return _API_CHECKS[key]
+
+
+def _find_api_mismatch(spark: SparkSession) -> str | None:
     reflection = spark._jvm.py4j.reflection.ReflectionUtil
     for name, signatures in DELTA_API.items():
         try:
