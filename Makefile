@@ -7,11 +7,14 @@ SOURCE ?= auto
 # Python workers and the driver run the venv's interpreter, whoever starts Spark.
 export PYSPARK_PYTHON := $(PY)
 export PYSPARK_DRIVER_PYTHON := $(PY)
-SPARK_SUBMIT := $(VENV)/bin/spark-submit --properties-file spark-defaults.conf
+# Local runs: the portable spark-defaults.conf (read from SPARK_CONF_DIR) plus the tuning measured
+# in local mode, conf/spark-local.conf, whose settings win (docs/cluster.md, "Settings").
+SPARK_SUBMIT := SPARK_CONF_DIR=$(CURDIR) $(VENV)/bin/spark-submit --load-spark-defaults \
+	--properties-file conf/spark-local.conf
 
 .PHONY: setup run download pipeline ingest features train serve test lint format clean
 .PHONY: test-cluster cluster-up cluster-down cluster-pipeline bench bench-sweep bench-serving
-.PHONY: test-load test-all
+.PHONY: test-load test-all test-known-bugs
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -40,7 +43,13 @@ test: setup  ## lint, then the test suite (real Spark, Delta, MLlib, HTTP, SIGKI
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -m "not cluster and not known_bug"
 
-test-all: test test-cluster test-load  ## everything CI runs
+test-all: test test-known-bugs test-cluster test-load  ## everything CI runs
+
+# Strict xfails that show open bugs (docs/reliability.md): its own run, where an expected failure
+# passes and a fix (XPASS) or a broken harness (any other error) fails. Out of `make test` for
+# time: the one it holds kills a real ingest and takes a minute and a half.
+test-known-bugs: setup  ## the known-bug tests; fails when a bug is fixed or its harness breaks
+	$(PY) -m pytest -m "known_bug and not cluster"
 
 # Bounded load on gunicorn over 127.0.0.1 (docs/reliability.md); fails on any error. LOAD_ARGS to change.
 test-load: setup  ## 12 s at 64 connections against gunicorn; any failed or wrong answer fails

@@ -52,7 +52,7 @@ from common import (  # noqa: E402
 
 from stockvol.config import DEFAULT_CONFIG, ConfigError, load_config  # noqa: E402
 from stockvol.sample import check_sample_args, plan_sample  # noqa: E402
-from stockvol.spark import read_spark_defaults  # noqa: E402
+from stockvol.spark import LOCAL_SETTINGS, is_local, read_spark_defaults  # noqa: E402
 
 FULL_SYMBOLS = 8049  # files in the Kaggle set; with rows multiplier 1, about 27.7 million rows
 SPARK_STAGES = ("ingest", "features", "train", "pipeline")
@@ -239,6 +239,8 @@ def build_scales(args: argparse.Namespace, seed: int) -> list[Scale]:
 def spark_settings(args: argparse.Namespace, defaults_file: Path, master: str) -> dict[str, str]:
     """What spark-submit will apply: the defaults file, then the harness's overrides."""
     settings = read_spark_defaults(defaults_file)
+    if is_local(master):  # the tuning measured in local mode (conf/spark-local.conf)
+        settings.update(read_spark_defaults(LOCAL_SETTINGS))
     settings["spark.master"] = master
     if args.driver_memory:
         settings["spark.driver.memory"] = args.driver_memory
@@ -267,6 +269,9 @@ def spark_submit_command(
             raise BenchError("spark-submit not found: run `make setup` (pyspark installs it)")
         submit = Path(found)
     command = [str(submit), "--properties-file", str(defaults_file), "--master", master]
+    if is_local(master):
+        for key, value in read_spark_defaults(LOCAL_SETTINGS).items():
+            command += ["--conf", f"{key}={value}"]
     if args.driver_memory:
         command += ["--driver-memory", args.driver_memory]
     for key, value in parse_conf(args.conf).items():

@@ -15,14 +15,14 @@ import sys
 from collections.abc import Sequence
 
 from stockvol.acquire import AcquireError, acquire
-from stockvol.config import DEFAULT_CONFIG, ConfigError, load_config
+from stockvol.config import DEFAULT_CONFIG, ArgumentParser, ConfigError, load_config, one_line
 from stockvol.sample import check_sample_args
 
 log = logging.getLogger("stockvol")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="pipeline YAML file")
     parser.add_argument("--data-dir", help="root of raw/, lake/ and model/ (default: data)")
     parser.add_argument(
@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         check_sample_args(config.sample_symbols, config.sample_seed, args.rows_multiplier)
     except (ConfigError, ValueError) as err:
-        log.error("invalid setting: %s", err)
+        log.error("invalid setting: %s", one_line(err))
         return 2
     try:
         summary = acquire(

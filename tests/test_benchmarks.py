@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from stockvol.spark import LOCAL_SETTINGS, read_spark_defaults
 from stockvol.summary import StageSummary
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -173,10 +174,19 @@ def test_spark_settings_are_the_defaults_file_plus_overrides(tmp_path: Path) -> 
     args = bench.parse_args(
         ["--driver-memory", "6g", "--conf", "spark.sql.shuffle.partitions=4", "--conf", "a.b=c d"]
     )
+    local_tuning = read_spark_defaults(LOCAL_SETTINGS)
     assert bench.spark_settings(args, defaults, "local[2]") == {
         "a.b": "c d",
+        "spark.driver.defaultJavaOptions": local_tuning["spark.driver.defaultJavaOptions"],
         "spark.driver.memory": "6g",
         "spark.master": "local[2]",
+        "spark.sql.shuffle.partitions": "4",
+    }
+    # A cluster gets the defaults file and the overrides, not the local-mode tuning.
+    assert bench.spark_settings(args, defaults, "spark://h:7077") == {
+        "a.b": "c d",
+        "spark.driver.memory": "6g",
+        "spark.master": "spark://h:7077",
         "spark.sql.shuffle.partitions": "4",
     }
 

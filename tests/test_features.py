@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 from collections.abc import Iterator
 from datetime import date, timedelta
 
@@ -14,18 +15,21 @@ import pytest
 from chispa import assert_df_equality
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pyspark import cloudpickle
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
-from stockvol import ingest
+from stockvol import features, ingest
 from stockvol.config import MEDIAN_MODES, Config, apply_overrides
 from stockvol.features import (
     FeaturesInputError,
+    FileFeaturesTask,
     add_rolling_features,
     features_table,
     run,
 )
+from stockvol.ingest import ConservationError
 from stockvol.schema import (
     ADJ_CLOSE,
     ADJ_CLOSE_ROLLING_MED,
@@ -37,7 +41,7 @@ from stockvol.schema import (
     VOL_MOVING_AVG,
     VOLUME,
 )
-from stockvol.storage import TableNotFoundError, read_table, write_table
+from stockvol.storage import TableNotFoundError, read_parquet, read_table, write_table
 from tests.real_files import quirk_sample
 
 FIXTURES = quirk_sample()
@@ -309,6 +313,26 @@ def test_files_whose_symbol_ranges_overlap_are_read_to_find_split_symbols(
     assert_matches_oracle(read_table(spark, config.features_path, "parquet"), prices, 30, "approx")
 
 
+def test_a_symbol_split_across_two_files_touching_ranges_is_shuffled(
+    spark: SparkSession, config: Config
+) -> None:
+    """Spark's ``maxRecordsPerFile`` cuts a symbol's rows over two files whose Symbol ranges
+    touch (A-C and C-E): equal bounds are no proof the files hold different symbols, so C is
+    found by reading Symbol and shuffled, and its windows run over all its rows."""
+    prices = generated_prices(dict.fromkeys("ABCDEF", 40), seed=17)
+    config = with_window(config, 30, "approx", "parquet")
+    key = "spark.sql.files.maxRecordsPerFile"
+    spark.conf.set(key, "100")  # 240 rows in order: A B C[:20] | C[20:] D E | F
+    try:
+        write_table(prices_frame(spark, prices, 1), config.prices_path, "parquet")
+    finally:
+        spark.conf.unset(key)
+    summary = run(spark, config)
+    assert summary.details["split_symbols_found_by"] == "reading Symbol"
+    assert (summary.details["files"], summary.details["symbols_shuffled"]) == (3, 1)
+    assert_matches_oracle(read_table(spark, config.features_path, "parquet"), prices, 30, "approx")
+
+
 def test_the_dataframe_function_equals_oracle(spark: SparkSession, small_batches: None) -> None:
     """``add_rolling_features`` on rows that are in no file (7-row Arrow batches)."""
     prices = generated_prices({"A": 31, "B": 64, "C": 2}, seed=12)
@@ -404,6 +428,38 @@ def test_bad_prices_fail_clearly_and_keep_the_previous_features(
         assert_matches_oracle(
             read_table(spark, config.features_path, "parquet"), prices, 30, "approx"
         )
+
+
+class DropsARow(FileFeaturesTask):
+    """A features task with a bug: the first row of each file it reads vanishes."""
+
+    def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        files = [file for batch in batches for file in batch.column("file").to_pylist()]
+        tables = (
+            features_table(read_parquet(file, self.source.columns), self.window, self.median)
+            for file in files
+        )
+        yield features._written(self.target, 0, (table.slice(1) for table in tables))
+
+
+def test_a_row_lost_by_a_task_is_a_conservation_error(
+    spark: SparkSession, config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows the tasks wrote are checked against the rows read before anything is published:
+    the previous features table stays."""
+    config = with_window(config, 30, fmt="parquet")
+    prices = generated_prices(dict.fromkeys("ABC", 40), seed=3)
+    write_table(prices_frame(spark, prices, 3), config.prices_path, "parquet")
+    run(spark, config)
+    module = sys.modules[__name__]
+    cloudpickle.register_pickle_by_value(module)  # the executors cannot import this module
+    monkeypatch.setattr(features, "FileFeaturesTask", DropsARow)
+    try:
+        with pytest.raises(ConservationError, match="117 rows written, 120 read"):
+            run(spark, config)
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+    assert_matches_oracle(read_table(spark, config.features_path, "parquet"), prices, 30, "approx")
 
 
 def test_missing_prices_table_names_the_job_to_run(spark: SparkSession, config: Config) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import sys
+from collections.abc import Iterator
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -10,11 +13,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pyspark import cloudpickle
 from pyspark.sql import SparkSession
 from pyspark.sql.pandas.types import from_arrow_schema
 
+from stockvol import ingest
 from stockvol.config import Config, apply_overrides
-from stockvol.ingest import IngestInputError, run
+from stockvol.ingest import ConservationError, IngestInputError, IngestTask, run
 from stockvol.schema import CSV_COLUMNS, PRICES_SCHEMA
 from stockvol.storage import FileWriter, TableWrite, read_table
 from tests.real_files import quirk_sample
@@ -234,3 +239,55 @@ def test_files_without_data_give_empty_tables_with_the_contract_schema(
     assert prices.count() == 0
     assert [f.name for f in prices.schema.fields] == PRICES_SCHEMA.names
     assert read_table(spark, config.rejects_path, storage_format).count() == 0
+
+
+class DropsALine(IngestTask):
+    """An ingest task with a bug: the first line of each file classified line by line vanishes
+    from prices, rejects and the counts alike."""
+
+    def _parsed(self, source_file: str, table: pa.Table, *writers: FileWriter) -> Iterator:
+        yield from super()._parsed(source_file, table.slice(1), *writers)
+
+
+@pytest.fixture
+def lossy_ingest(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Ingest runs ``DropsALine`` in its Spark tasks (shipped by value: the executors cannot
+    import this test module)."""
+    module = sys.modules[__name__]
+    cloudpickle.register_pickle_by_value(module)
+    monkeypatch.setattr(ingest, "IngestTask", DropsALine)
+    yield
+    cloudpickle.unregister_pickle_by_value(module)
+
+
+def test_a_line_lost_by_a_task_is_a_conservation_error(
+    spark: SparkSession, tmp_path: Path, lossy_ingest: None
+) -> None:
+    """Lines read are counted from each file's bytes, not from its classification: a line that
+    a task drops from every output is still missed, and nothing is published."""
+    config = apply_overrides(Config(data_dir=tmp_path), storage_format="parquet")
+    (config.raw_dir / "stocks").mkdir(parents=True)
+    shutil.copy(REAL / "symbols_valid_meta.csv", config.raw_dir)
+    (config.raw_dir / "stocks" / "BAD.csv").write_text(f"{HEADER}\n{BAD_FILE}")
+    (config.raw_dir / "stocks" / "GOOD.csv").write_text(f"{HEADER}\n2020-01-02,1,2,0.5,1.5,1.4,9\n")
+    with pytest.raises(ConservationError, match="stocks/BAD.csv: 11 read, 10 kept or rejected"):
+        run(spark, config)
+    assert not config.prices_path.exists() and not config.rejects_path.exists()
+
+
+def test_the_drivers_utc_date_is_the_last_valid_date_in_every_task(
+    spark: SparkSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """'today' is taken once, on the driver (``today_utc``), and shipped to the tasks: a task's
+    own clock or time zone decides nothing."""
+    monkeypatch.setattr(ingest, "today_utc", lambda: date(2020, 1, 6))
+    config = apply_overrides(Config(data_dir=tmp_path), storage_format="parquet")
+    (config.raw_dir / "stocks").mkdir(parents=True)
+    shutil.copy(REAL / "symbols_valid_meta.csv", config.raw_dir)
+    days = ["2020-01-03", "2020-01-06", "2020-01-07"]
+    lines = [f"{day},1,2,0.5,1.5,1.4,9" for day in days]
+    (config.raw_dir / "stocks" / "T.csv").write_text("\n".join([HEADER, *lines, ""]))
+    summary = run(spark, config)
+    assert summary.details["rejected_by_reason"] == {"bad_date": 1}
+    rejected = read_table(spark, config.rejects_path, "parquet").select("Date").collect()
+    assert [row["Date"] for row in rejected] == ["2020-01-07"]

@@ -8,10 +8,13 @@ from io import BytesIO
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from stockvol.raw_csv import (
     HEADER,
     PARSED_SCHEMA,
+    count_lines,
     good_files,
     parse_file,
     reject_repeated_dates,
@@ -235,3 +238,66 @@ def test_a_day_that_does_not_exist_fails_only_its_own_file() -> None:
         False,
         True,
     ]
+
+
+# Lines of every kind the parser treats differently, for the line count's property test.
+LINE_KINDS = [
+    GOOD,
+    GOOD.replace(b"01-02", b"01-03"),
+    b"",  # empty: no row
+    b" ",
+    b"2020-01-08,1,2",
+    b'2020-01-03,"1.0,2.0,0.5,1.5,1.4,100',
+    b"2020-02-30,1,2,0.5,1.5,1.4,100",
+    b"\x00\x00",
+    b"x\xff",
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    header=st.sampled_from([HEADER, b"\xef\xbb\xbf" + HEADER, b"date,open", b""]),
+    lines=st.lists(st.sampled_from(LINE_KINDS), max_size=8),
+    end=st.sampled_from([b"\n", b"\r\n", b"\r"]),
+    final=st.booleans(),
+)
+@example(header=HEADER, lines=[LINE_KINDS[5]] * 2, end=b"\n", final=False)  # a quote over 2 lines
+def test_the_line_count_from_bytes_is_the_rows_parsing_returns(
+    header: bytes, lines: list[bytes], end: bytes, final: bool
+) -> None:
+    """``count_lines`` (ingest's independent count) agrees with ``parse_file`` on every shape of
+    file: a wrong header, empty lines, line ends, a missing final newline, a BOM."""
+    content = end.join([header, *lines]) + (end if final else b"")
+    assert count_lines(content) == parse_file(content, "stocks/T.csv", today=TODAY).num_rows
+
+
+# Spellings of a number, each on a line of its own; the verdict is the same for every neighbour.
+VOLUME_SPELLINGS = ["7", "806400.0", "00012", "-0", "0x10", "0X1F", " 7", "7 ", "+5", "1e3"]
+PRICE_SPELLINGS = ["1.5", "+1.5", ".5", "5.", "1e2", " 1.5", "1.5 ", "0x10", "1_0", "nan"]
+NEIGHBOURS = {
+    "alone": [],
+    "a malformed line": [b"2020-01-08,1,2"],
+    "a fractional Volume": [b"2020-01-09,1,2,0.5,1.5,1.4,5.5"],
+    "a float-spelled Volume": [b"2020-01-09,1,2,0.5,1.5,1.4,806400.0"],
+    "a price that is text": [b"2020-01-09,x,2,0.5,1.5,1.4,5"],
+}
+
+
+@pytest.mark.parametrize(
+    "line",
+    [f"2020-01-02,1,2,0.5,1.5,1.4,{v}" for v in VOLUME_SPELLINGS]
+    + [f"2020-01-02,{v},2,0.5,1.5,1.4,100" for v in PRICE_SPELLINGS],
+)
+def test_a_lines_verdict_does_not_depend_on_its_neighbours(line: str) -> None:
+    """One rule on the fast path (all lines typed at once) and the careful one (value by value,
+    whichever way the column's cast goes): ``0x10`` or `` 7`` is rejected alone or not."""
+    verdicts = {
+        name: parse(HEADER + b"\n" + b"\n".join([line.encode(), *others]) + b"\n")
+        .set_index("line")
+        .loc[2, ["reason", "_Volume", "_Open"]]
+        .astype(str)  # a kept Volume is int64 alone, float64 beside a rejected row's null
+        .str.replace(r"\.0$", "", regex=True)
+        .tolist()
+        for name, others in NEIGHBOURS.items()
+    }
+    assert len({tuple(v) for v in verdicts.values()}) == 1, verdicts

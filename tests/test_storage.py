@@ -13,7 +13,10 @@ from pyspark.sql import SparkSession
 from pyspark.sql.pandas.types import to_arrow_schema
 from pyspark.sql.types import DoubleType, LongType, StringType, StructField, StructType
 
+from stockvol import storage
+from stockvol.spark import read_spark_defaults
 from stockvol.storage import (
+    ConcurrentWriteError,
     FileWriter,
     TableNotFoundError,
     TableWrite,
@@ -240,3 +243,130 @@ def test_table_files_open_by_plain_path_and_file_uri_even_with_a_hash(
         plain = read_parquet(file, source.columns)
         assert plain.equals(read_parquet(f"file:{file}", source.columns))
     assert sum(len(read_parquet(f, source.columns)) for f in source.files) == len(KEYED_ROWS)
+
+
+# --- the Delta in-place commit: its guards and its fallback to Spark's public Delta writer ------
+
+
+def files_for(spark: SparkSession, path: Path, rows: list) -> tuple[TableWrite, list[str]]:
+    """Prepare an in-place write of ``rows`` and write its files, as a job's tasks do."""
+    target = prepare_write(spark, path, KEYED, "delta")
+    writer = FileWriter(target)
+    writer.add(pa.Table.from_pylist([dict(zip(KEYED.names, r, strict=True)) for r in rows],
+                                    to_arrow_schema(KEYED)))  # fmt: skip
+    return target, [file for file, _ in writer.close()]
+
+
+@pytest.mark.parametrize(
+    ("other", "message"),
+    [
+        ([KEYED_ROWS[0]], r"committed while this job wrote version \d+ \+ 1: nothing"),
+        ([("A", 1.0, 1)], "the table's columns changed"),
+    ],
+)
+def test_a_commit_by_another_job_during_the_write_is_refused(
+    spark: SparkSession, tmp_path: Path, other: list, message: str
+) -> None:
+    """Another job replaces the table (same or other columns) while this one's tasks write:
+    publishing would silently undo that commit (or mix schemas), so nothing is committed, the
+    files written are removed, and the other job's table stands."""
+    path = tmp_path / "t"
+    write_with_tasks(spark, path, "delta", KEYED_ROWS[:2])
+    target, files = files_for(spark, path, KEYED_ROWS[2:])
+    assert target.in_place
+    theirs = spark.createDataFrame(other, KEYED if len(other[0]) == 4 else SCHEMA)
+    write_table(theirs, path, "delta")
+    with pytest.raises(ConcurrentWriteError, match=message):
+        publish(spark, target, files)
+    assert_df_equality(read_table(spark, path, "delta"), theirs, ignore_nullable=True)
+    assert not any(Path(file).exists() for file in files)
+
+
+def test_a_file_with_other_columns_is_not_committed(spark: SparkSession, tmp_path: Path) -> None:
+    """Each file's footer is checked against the table's physical columns before the commit."""
+    path = tmp_path / "t"
+    write_with_tasks(spark, path, "delta", KEYED_ROWS[:2])
+    version = delta_version(spark, path)
+    target, files = files_for(spark, path, KEYED_ROWS[2:])
+    stray = target.new_file()
+    pq.write_table(pa.table({"Symbol": ["X"], "Volume": [1]}), stray)
+    with pytest.raises(RuntimeError, match="are not the table's"):
+        publish(spark, target, [*files, stray])
+    assert delta_version(spark, path) == version
+
+
+def test_a_check_constraint_sends_the_write_through_deltas_own_writer(
+    spark: SparkSession, tmp_path: Path
+) -> None:
+    """An in-place commit would bypass the constraint: the write falls back to Spark's Delta
+    writer, which enforces it (a row of 1999 breaks it), and the table keeps its rows."""
+    path = tmp_path / "t"
+    write_with_tasks(spark, path, "delta", KEYED_ROWS[:2])
+    spark.sql(f"ALTER TABLE delta.`{path}` ADD CONSTRAINT recent CHECK (Date > '2000-01-01')")
+    target, files = files_for(spark, path, KEYED_ROWS)
+    assert not target.in_place
+    with pytest.raises(Exception, match="(?i)constraint"):
+        publish(spark, target, files)
+    assert sorted(r["Symbol"] for r in read_table(spark, path, "delta").collect()) == [
+        "AAPL",
+        "MSFT",
+    ]
+
+
+def test_an_internal_api_that_differs_falls_back_to_deltas_own_writer(
+    spark: SparkSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``prepare_write`` checks the pinned Delta signatures before any task runs; one missing
+    (as after a Delta upgrade) gives the public write path and the same table."""
+    path = tmp_path / "t"
+    write_with_tasks(spark, path, "delta", KEYED_ROWS[:2])
+    write = f"{storage.DELTA}.DeltaOperations$Write"
+    changed = storage.DELTA_API[write][0].replace("SaveMode,", "SaveMode,scala.Option,")
+    monkeypatch.setitem(storage.DELTA_API, write, (changed,))
+    target = write_with_tasks(spark, path, "delta", KEYED_ROWS)
+    assert not target.in_place
+    expected = spark.createDataFrame(KEYED_ROWS, KEYED)
+    assert_df_equality(
+        read_table(spark, path, "delta"), expected, ignore_row_order=True, ignore_nullable=True
+    )
+
+
+def test_table_files_needs_no_private_pyspark_constructor(
+    spark: SparkSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``DataFrame(jdf, spark)`` is PySpark-internal; the files are listed without it."""
+    path = tmp_path / "t"
+    write_with_tasks(spark, path, "delta", KEYED_ROWS)
+
+    def private(*_: object) -> None:
+        raise AssertionError("PySpark's private DataFrame constructor was called")
+
+    monkeypatch.setattr(storage, "DataFrame", private)
+    source = table_files(spark, path, "delta")
+    assert source is not None
+    assert sum(pq.read_metadata(f).num_rows for f in source.files) == len(KEYED_ROWS)
+
+
+def test_a_task_attempt_that_ends_after_publish_adds_no_rows(
+    spark: SparkSession, tmp_path: Path
+) -> None:
+    """A speculative or orphaned attempt of a task whose files were already reported and
+    published can still write its own: they land in the write's staging area, never in the
+    live Parquet table. Speculation itself is off in the shared settings."""
+    path = tmp_path / "t"
+    target = prepare_write(spark, path, KEYED, "parquet")
+    table = pa.Table.from_pylist(
+        [dict(zip(KEYED.names, r, strict=True)) for r in KEYED_ROWS], to_arrow_schema(KEYED)
+    )
+    reported = FileWriter(target)
+    reported.add(table)
+    publish(spark, target, [file for file, _ in reported.close()])
+    late = FileWriter(target)  # the same pickled TableWrite, after publish
+    late.add(table)
+    late.close()
+    assert read_table(spark, path, "parquet").count() == len(KEYED_ROWS)
+    source = table_files(spark, path, "parquet")
+    assert source is not None
+    assert sum(pq.read_metadata(f).num_rows for f in source.files) == len(KEYED_ROWS)
+    defaults = read_spark_defaults(Path(__file__).parents[1] / "spark-defaults.conf")
+    assert defaults["spark.speculation"] == "false"

@@ -10,7 +10,14 @@ from collections.abc import Callable, Sequence
 
 from pyspark.sql import SparkSession
 
-from stockvol.config import Config, ConfigError, add_common_arguments, config_from_args
+from stockvol.config import (
+    ArgumentParser,
+    Config,
+    ConfigError,
+    add_common_arguments,
+    config_from_args,
+    one_line,
+)
 from stockvol.spark import build_session
 from stockvol.summary import StageSummary
 
@@ -40,14 +47,14 @@ def run_stages(
 ) -> int:
     """Parse flags, build one SparkSession, run the stages in order, log a line each; exit code."""
     configure_logging()
-    parser = add_common_arguments(argparse.ArgumentParser(description=description))
+    parser = add_common_arguments(ArgumentParser(description=description))
     if add_arguments:
         add_arguments(parser)
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args, **(overrides(args) if overrides else {}))
-    except ConfigError as err:
-        log.error("configuration error: %s", err)
+    except ConfigError as err:  # before Spark starts: a bad setting costs no JVM
+        log.error("configuration error: %s", one_line(err))
         return 2
     started = time.perf_counter()
     spark = build_session(config, f"stockvol-{description.split()[0].lower()}", master=args.master)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -98,39 +98,97 @@ class Config:
         return self.model_dir / "metrics.json"
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
+def _check_int(name: str, value: object, least: int, most: int | None = None) -> None:
+    """An integer (not a bool, not a float) within least..most."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if value < least:
+        raise ConfigError(f"{name} must be at least {least}, got {value}")
+    if most is not None and value > most:
+        raise ConfigError(f"{name} must be at most {most}, got {value}")
+
+
+def _check_fraction(name: str, value: object, one_allowed: bool) -> None:
+    """A number in (0, 1), or (0, 1] when ``one_allowed``; NaN is none."""
+    number = not isinstance(value, bool) and isinstance(value, int | float)
+    if not number or not (0.0 < value < 1.0 or (one_allowed and value == 1.0)):
+        interval = "(0, 1]" if one_allowed else "(0, 1)"
+        raise ConfigError(f"{name} must be a number in {interval}, got {value!r}")
+
+
+# MLlib's own limits: a tree deeper than 30 or fewer than 2 bins fails only once Spark runs.
+MAX_DEPTH_LIMIT = 30
+MIN_BINS = 2
+
+
+def validate_model(params: ModelParams) -> ModelParams:
+    """Raise ConfigError naming the first invalid model setting; return the settings unchanged.
+    Every limit MLlib would only report after Spark started is checked here."""
+    _check_int("num_trees", params.num_trees, 1)
+    _check_int("max_depth", params.max_depth, 0, MAX_DEPTH_LIMIT)
+    _check_int("max_bins", params.max_bins, MIN_BINS)
+    _check_int("seed", params.seed, -(2**63), 2**63 - 1)
+    _check_fraction("train_sample_fraction", params.train_sample_fraction, one_allowed=True)
+    if params.train_max_rows is not None:
+        _check_int("train_max_rows", params.train_max_rows, 1)
+    _check_choice("split", params.split, SPLIT_METHODS)
+    _check_choice("target", params.target, TARGETS)
+    _check_choice("horizon", params.horizon, HORIZONS)
+    _check_int("fit_partitions", params.fit_partitions, 1)
+    _check_fraction("test_fraction", params.test_fraction, one_allowed=False)
+    if not isinstance(params.tune, bool):
+        raise ConfigError(f"tune must be true or false, got {params.tune!r}")
+    _check_fraction("tune_sample_fraction", params.tune_sample_fraction, one_allowed=True)
+    limits = {
+        "tune_num_trees": (1, None),
+        "tune_max_depth": (0, MAX_DEPTH_LIMIT),
+        "tune_max_bins": (MIN_BINS, None),
+    }
+    for name, (least, most) in limits.items():
+        values = getattr(params, name)
+        if not isinstance(values, tuple) or not values:
+            raise ConfigError(f"{name} must be a non-empty list of integers, got {values!r}")
+        for value in values:
+            _check_int(f"each of {name}", value, least, most)
+    return params
+
+
 def validate(config: Config) -> Config:
-    """Raise ConfigError naming the first invalid setting; return the config unchanged."""
+    """Raise ConfigError naming the first invalid setting; return the config unchanged. Jobs
+    call it (through ``load_config``) before Spark starts: a bad setting costs no JVM."""
     _check_choice("storage format", config.storage_format, STORAGE_FORMATS)
     _check_choice("median mode", config.median, MEDIAN_MODES)
-    _check_choice("split", config.model.split, SPLIT_METHODS)
-    _check_choice("target", config.model.target, TARGETS)
-    _check_choice("horizon", config.model.horizon, HORIZONS)
-    if config.model.fit_partitions < 1:
-        raise ConfigError(f"fit_partitions must be at least 1, got {config.model.fit_partitions}")
-    if config.window < 1:
-        raise ConfigError(f"window must be at least 1, got {config.window}")
-    if not 0.0 < config.model.test_fraction < 1.0:
-        raise ConfigError(f"test_fraction must be in (0, 1), got {config.model.test_fraction}")
-    for name in ("train_sample_fraction", "tune_sample_fraction"):
-        value = getattr(config.model, name)
-        if not 0.0 < value <= 1.0:
-            raise ConfigError(f"{name} must be in (0, 1], got {value}")
-    if config.model.num_trees < 1 or config.model.max_depth < 0:
-        raise ConfigError("num_trees must be >= 1 and max_depth >= 0")
+    _check_int("window", config.window, 1)
+    for name in ("master", "source", "kaggle_id"):
+        if not isinstance(getattr(config, name), str) or not getattr(config, name):
+            raise ConfigError(f"{name} must be a non-empty text, got {getattr(config, name)!r}")
+    _check_int("sample_symbols", config.sample_symbols, 1)
+    _check_int("sample_seed", config.sample_seed, 0)
+    validate_model(config.model)
     return config
 
 
 def _model_params(raw: dict[str, Any]) -> ModelParams:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"model: must be a mapping of settings, got {raw!r}")
     known = {f.name for f in fields(ModelParams)}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"unknown model settings: {', '.join(sorted(unknown))}")
-    return ModelParams(**raw)
+    # YAML lists (the tune grids) as the tuples the settings hold.
+    return ModelParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+
+
+def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    section = raw.get(name) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{name}: must be a mapping of settings, got {section!r}")
+    return section
 
 
 def load_config(path: str | Path = DEFAULT_CONFIG, **overrides: Any) -> Config:
@@ -142,9 +200,15 @@ def load_config(path: str | Path = DEFAULT_CONFIG, **overrides: Any) -> Config:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
-    spark = raw.get("spark", {})
-    dataset = raw.get("dataset", {})
-    features = raw.get("features", {})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    spark, dataset, features, storage = (
+        _section(raw, name) for name in ("spark", "dataset", "features", "storage")
+    )
+    for key, value in (("data_dir", raw.get("data_dir", "data")),
+                       ("spark.defaults_file", spark.get("defaults_file", ""))):  # fmt: skip
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a path, got {value!r}")
     defaults_file = Path(spark.get("defaults_file", "spark-defaults.conf"))
     config = Config(
         data_dir=Path(raw.get("data_dir", "data")),
@@ -154,10 +218,10 @@ def load_config(path: str | Path = DEFAULT_CONFIG, **overrides: Any) -> Config:
         else PROJECT_ROOT / defaults_file,
         kaggle_id=dataset.get("kaggle_id", Config.kaggle_id),
         source=str(dataset.get("source", "auto")),
-        sample_symbols=int(dataset.get("sample_symbols", 60)),
-        sample_seed=int(dataset.get("sample_seed", 42)),
-        storage_format=raw.get("storage", {}).get("format", "delta"),
-        window=int(features.get("window", 30)),
+        sample_symbols=dataset.get("sample_symbols", 60),
+        sample_seed=dataset.get("sample_seed", 42),
+        storage_format=storage.get("format", "delta"),
+        window=features.get("window", 30),
         median=features.get("median", "approx"),
         model=_model_params(raw.get("model", {})),
     )
@@ -182,6 +246,19 @@ def apply_overrides(config: Config, **overrides: Any) -> Config:
     if model_changes:
         top_changes["model"] = replace(config.model, **model_changes)
     return validate(replace(config, **top_changes))
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (``prog: error: ...``) without the long usage text:
+    like every other setting error, exit code 2 and one line saying what is wrong."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def one_line(err: Exception) -> str:
+    """An error's message on one line (a YAML error spans several)."""
+    return " ".join(str(err).split())
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

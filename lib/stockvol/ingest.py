@@ -5,8 +5,9 @@ and ``raw/etfs``; the paths (not the data) are split by ranges of file names ove
 files of a symbol that is in both folders meet in one task. Each ``mapInArrow`` task reads its
 files, classifies every line with ``stockvol.raw_csv`` (Arrow's C++ CSV reader), rejects dates a
 symbol's earlier file already kept, and writes its good rows and its rejects as Parquet files
-with pyarrow into the tables' staging directories. Only one count row per file and reason, and
-one row per staged file, go back to Spark. The driver checks that every line landed in exactly
+with pyarrow into the tables' staging directories. Only one count row per file and reason, a row
+per file with its lines counted from its bytes apart from the classification, and one row per
+staged file go back to Spark. The driver checks that every line landed in exactly
 one of the two tables and publishes both (docs/ingest.md says why the rows never cross into
 the JVM: that cost several times the parsing).
 """
@@ -17,7 +18,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ from stockvol.raw_csv import (
     REASONS,
     SOURCE_FILE,
     constant,
+    count_lines,
     good_files,
     padded_table,
     parse_file,
@@ -73,8 +75,9 @@ BATCH_BYTES = 16 << 20
 TASKS_PER_CORE = 4
 
 # What a task returns: per file, a row per reason found (``reason`` null for the kept rows) with
-# how many rows; per staged Parquet file, its table (prices or rejects), path and rows.
-TABLE, STAGED_FILE, ROWS = "table", "staged_file", "rows"
+# how many rows, and a row with the lines the file holds (``count_lines``); per staged Parquet
+# file, its table (prices or rejects), path and rows.
+TABLE, STAGED_FILE, ROWS, LINES = "table", "staged_file", "rows", "lines"
 RESULT_ARROW = pa.schema(
     [
         (SOURCE_FILE, pa.string()),
@@ -82,6 +85,7 @@ RESULT_ARROW = pa.schema(
         (TABLE, pa.string()),
         (STAGED_FILE, pa.string()),
         (ROWS, pa.int64()),
+        (LINES, pa.int64()),
     ]
 )
 
@@ -185,6 +189,15 @@ def file_counts(table: pa.Table, source_file: str) -> pa.Table:
     return padded_table(columns, n, RESULT_ARROW)
 
 
+def lines_row(source_file: str, content: bytes) -> pa.Table:
+    """The result row saying how many lines a file holds, counted apart from its parsing."""
+    columns = {
+        SOURCE_FILE: pa.array([source_file], pa.string()),
+        LINES: pa.array([count_lines(content)], pa.int64()),
+    }
+    return padded_table(columns, 1, RESULT_ARROW)
+
+
 def staged_rows(name: str, writer: FileWriter) -> pa.Table:
     """One result row per file a task's writer wrote for table ``name``."""
     files = writer.close()
@@ -205,6 +218,7 @@ class IngestTask:
     prices: TableWrite
     rejects: TableWrite
     names: dict[str, str]
+    today: date  # the last valid Date: one value for every task, whatever its clock or zone
     max_rows_per_file: int = 0  # 0: no limit
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -215,7 +229,7 @@ class IngestTask:
                 by_symbol[symbol_of(source_file)].append((source_file, path))
         prices = FileWriter(self.prices, self.max_rows_per_file)
         rejects = FileWriter(self.rejects, self.max_rows_per_file)
-        today = date.today()
+        today = self.today
         single: list[tuple[str, bytes]] = []  # symbols in one file, in order, read not parsed
         single_bytes = 0
         for _, files in sorted(by_symbol.items()):
@@ -223,6 +237,7 @@ class IngestTask:
                 source_file, path = files[0]
                 single.append((source_file, read_bytes(path)))
                 single_bytes += len(single[-1][1])
+                yield from lines_row(*single[-1]).to_batches()
                 if single_bytes >= BATCH_BYTES:
                     yield from self._single_files(single, prices, rejects, today)
                     single, single_bytes = [], 0
@@ -232,9 +247,11 @@ class IngestTask:
             # A symbol in several files: a later file may repeat a date, and that row's reject
             # must keep the text the file had.
             files.sort(key=lambda file: (FOLDERS.index(file[0].split("/")[0]), file[0]))
-            tables = [
-                parse_file(read_bytes(path), name, today, keep_text=True) for name, path in files
-            ]
+            tables = []
+            for source_file, path in files:
+                content = read_bytes(path)
+                yield from lines_row(source_file, content).to_batches()
+                tables.append(parse_file(content, source_file, today, keep_text=True))
             for (source_file, _), table in zip(files, reject_repeated_dates(tables), strict=True):
                 yield from self._parsed(source_file, table, prices, rejects)
         yield from self._single_files(single, prices, rejects, today)
@@ -291,6 +308,12 @@ class IngestTask:
         yield from file_counts(table, source_file).to_batches()
 
 
+def today_utc() -> date:
+    """Today's date in UTC, taken once on the driver: executors on other hosts, in other time
+    zones, or running past midnight would otherwise disagree on whether a date is in the future."""
+    return datetime.now(timezone.utc).date()
+
+
 def read_bytes(path: str) -> bytes:
     """A file's bytes, from the path Spark's file listing gives (``file:/...``, ``s3a://...``)."""
     filesystem, inner = open_path(path)
@@ -316,12 +339,18 @@ def ingest_files(
 
 
 def count_table(result: pd.DataFrame) -> pd.DataFrame:
-    """Per file: lines read, kept, and rejected by reason."""
-    counts = result[result[SOURCE_FILE].notna()]
+    """Per file: lines read (counted from its bytes; -1 if never counted), kept, and rejected
+    by reason. A reason that is none of ``REASONS`` gets a column of its own, so that
+    ``_check_conservation`` sees its rows as unaccounted for instead of dropping them."""
+    files = result[result[SOURCE_FILE].notna()]
+    read = files[files[LINES].notna()].groupby(SOURCE_FILE)[LINES].sum()
+    counts = files[files[LINES].isna()]
     reasons = counts[REASON].fillna("kept")
     table = counts.pivot_table(index=SOURCE_FILE, columns=reasons, values=ROWS, aggfunc="sum")
-    table = table.reindex(columns=["kept", *REASONS], fill_value=0).fillna(0).astype("int64")
-    table.insert(0, "read", table.sum(axis=1))
+    table = table.reindex(index=read.index.union(table.index))
+    columns = ["kept", *REASONS, *sorted(set(table.columns) - {"kept", *REASONS})]
+    table = table.reindex(columns=columns).fillna(0).astype("int64")
+    table.insert(0, "read", read.reindex(table.index).fillna(-1).astype("int64"))
     return table.sort_index()
 
 
@@ -342,10 +371,12 @@ def run(spark: SparkSession, config: Config) -> StageSummary:
     prices = prepare_write(spark, config.prices_path, PRICES_SCHEMA, fmt)
     rejects = prepare_write(spark, config.rejects_path, REJECTS_SCHEMA, fmt)
     max_rows = int(spark.conf.get("spark.sql.files.maxRecordsPerFile", "0"))
-    task = IngestTask(prices, rejects, names, max_rows)
+    task = IngestTask(prices, rejects, names, today_utc(), max_rows)
     result = ingest_files(spark, raw_dir, task)
     counts = count_table(result)
     _check_conservation(counts)
+    if uncounted := sorted(set(found.csv_files) - set(found.empty) - set(counts.index)):
+        raise ConservationError(f"files listed but never read: {uncounted[:10]}")
     kept = int(counts["kept"].sum())
     rejected = {r: int(counts[r].sum()) for r in REASONS if counts[r].sum()}
     for table, target, want in (
@@ -358,7 +389,7 @@ def run(spark: SparkSession, config: Config) -> StageSummary:
         written = publish(spark, target, files)
         if written != want:
             raise ConservationError(f"{target.path}: {written} rows written, {want} expected")
-    header_only = [f for f in found.csv_files if f not in counts.index and f not in found.empty]
+    header_only = [f for f in found.csv_files if f not in found.empty and not counts.loc[f, "read"]]
     symbols = {symbol_of(f) for f in found.csv_files}
     return StageSummary(
         stage="ingest",
@@ -379,7 +410,13 @@ def run(spark: SparkSession, config: Config) -> StageSummary:
 
 
 def _check_conservation(counts: pd.DataFrame) -> None:
+    """Every line of every file (``read``, from its bytes) is kept or rejected for one of
+    ``REASONS``."""
     accounted = counts["kept"] + counts[list(REASONS)].sum(axis=1)
     lost = counts[accounted != counts["read"]]
     if not lost.empty:
-        raise ConservationError(f"rows read != kept + rejected for: {list(lost.index)[:10]}")
+        details = "; ".join(
+            f"{name}: {read} read, {accounted[name]} kept or rejected"
+            for name, read in lost["read"].head(10).items()
+        )
+        raise ConservationError(f"rows read != kept + rejected for {details}")

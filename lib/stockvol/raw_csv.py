@@ -77,9 +77,13 @@ PARSED_SCHEMA = pa.schema(
     ]
 )
 
-# Only used on the rare column whose fast cast fails, to find the values that are numbers.
+# The one rule for a number, on both paths: a price is written in decimal (an exponent allowed),
+# a Volume as a whole decimal number (``806400.0`` too). No hexadecimal (Arrow's integer cast
+# takes ``0x10``) and no padding (its CSV reader trims `` 7``): the fast path sends any line
+# with a byte outside ``_PLAIN`` to the careful path, which checks each value against these.
 _NUMBER = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
-_WHOLE = r"^-?[0-9]+(\.0*)?$"  # a Volume: an integer, possibly spelled 806400.0
+_WHOLE = r"^-?[0-9]+(\.0*)?$"
+_PLAIN = b'0123456789,.+-eE"\n'
 _INT64_MAX = str(np.iinfo(np.int64).max)
 _DATE_SHAPE = r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
 _READ = pacsv.ReadOptions(column_names=list(CSV_COLUMNS), use_threads=False)
@@ -130,15 +134,36 @@ def symbol_of(source_file: str) -> str:
     return re.sub(r"\.csv$", "", source_file.rsplit("/", 1)[-1])
 
 
-def parse_file(
-    content: bytes, source_file: str, today: date | None = None, keep_text: bool = False
-) -> pa.Table:
-    """Every data line of one CSV file, classified (``PARSED_SCHEMA``), in line order.
+def count_lines(content: bytes) -> int:
+    """The rows ``parse_file`` must return for a file, counted from its bytes alone (not from
+    any classification), for ingest's conservation check: every line of a file without the
+    Kaggle header (all rejected), else every non-empty line after the header."""
+    if content.startswith(BOM):
+        content = content[len(BOM) :]
+    if b"\r" in content:
+        content = content.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    if not content:
+        return 0
+    header, _, body = content.partition(b"\n")
+    if header != HEADER:
+        return content.count(b"\n") + (not content.endswith(b"\n"))
+    if not body:
+        return 0
+    if b"\n\n" not in body and not body.startswith(b"\n"):  # no empty line: the usual file
+        return body.count(b"\n") + (not body.endswith(b"\n"))
+    if not body.endswith(b"\n"):
+        body += b"\n"
+    ends = np.flatnonzero(np.frombuffer(body, dtype=np.uint8) == ord("\n"))
+    return int(np.count_nonzero(np.diff(ends, prepend=-1) != 1))
+
+
+def parse_file(content: bytes, source_file: str, today: date, keep_text: bool = False) -> pa.Table:
+    """Every data line of one CSV file, classified (``PARSED_SCHEMA``), in line order; a date
+    after ``today`` is a bad date (ingest's driver gives its UTC date to every task).
 
     The raw text of good rows is dropped (null) unless ``keep_text``: a later step may still
     reject them (a date repeated in another file) and must keep what the file said.
     """
-    today = today or date.today()
     content = _normalized(content)
     header, _, body = content.partition(b"\n")
     if not content:
@@ -208,7 +233,7 @@ def _normalized(content: bytes) -> bytes:
     return content
 
 
-def good_files(contents: list[bytes], today: date | None = None) -> list[pa.Table | None]:
+def good_files(contents: list[bytes], today: date) -> list[pa.Table | None]:
     """Per whole file: its rows typed (``Date`` text, prices float64, ``Volume`` int64, the CSV
     column names) when it has the Kaggle header and every line is good; None otherwise, for
     ``parse_file`` to classify line by line. The usual file takes this path.
@@ -216,7 +241,6 @@ def good_files(contents: list[bytes], today: date | None = None) -> list[pa.Tabl
     Each file is parsed on its own (a bad value fails only its file), but the checks run once
     over all the files' rows: a dozen Arrow calls per file cost more than parsing it.
     """
-    today = today or date.today()
     parsed = []
     for content in contents:
         header, _, body = _normalized(content).partition(b"\n")
@@ -227,8 +251,9 @@ def good_files(contents: list[bytes], today: date | None = None) -> list[pa.Tabl
 
 def _typed_rows(body: bytes) -> pa.Table | None:
     """The lines after the header parsed straight to types; None if a line is not 7 fields, a
-    value does not convert or is empty (the careful path then says which rule it breaks)."""
-    if not body:
+    value does not convert or is empty, or a byte is one no good line has (the careful path then
+    says which rule it breaks)."""
+    if not body or body.translate(None, _PLAIN):
         return None
     if not body.endswith(b"\n"):
         body += b"\n"
@@ -302,6 +327,9 @@ def _checked(
             pa.py_buffer(body), read_options=_READ, parse_options=_PARSE, convert_options=_CONVERT
         )
     except pa.ArrowInvalid:
+        raw = None
+    # Two stray quotes on different lines can still parse, as one value over both lines.
+    if raw is None or raw.num_rows != len(numbers):
         raw = pacsv.read_csv(
             pa.py_buffer(body),
             read_options=_READ,
@@ -389,28 +417,24 @@ def _is_real_date(value: str) -> bool:
 
 
 def _to_float(text: pa.Array) -> pa.Array:
-    """Doubles; null where the text is not a number (NaN/inf stay, and fail the finite check)."""
-    try:
-        return pc.cast(text, pa.float64())  # the whole column at once: the usual case
-    except pa.ArrowInvalid:
-        number = pc.match_substring_regex(text, _NUMBER)
-        return _where(number, pc.cast(pc.if_else(number, text, "0"), pa.float64()))
+    """Doubles; null where the text is not a decimal number (``_NUMBER``), whatever the column's
+    other values (an overflow to inf stays, and fails the finite check)."""
+    number = pc.match_substring_regex(text, _NUMBER)
+    return _where(number, pc.cast(pc.if_else(number, text, "0"), pa.float64()))
 
 
 def _to_int64(text: pa.Array) -> pa.Array:
-    """A whole Volume as int64 (``806400.0`` too); null where not whole or beyond int64."""
-    try:
-        return pc.cast(text, pa.int64())
-    except pa.ArrowInvalid:
-        whole = _is_true(pc.match_substring_regex(text, _WHOLE))
-        digits = pc.replace_substring_regex(text, r"\.0*$", "")
-        magnitude = pc.replace_substring_regex(digits, r"^-", "")
-        length = pc.utf8_length(magnitude).to_numpy(zero_copy_only=False)
-        fits = (length < len(_INT64_MAX)) | (
-            (length == len(_INT64_MAX)) & _is_true(pc.less_equal(magnitude, _INT64_MAX))
-        )
-        ok = pa.array(whole & fits)
-        return _where(ok, pc.cast(pc.if_else(ok, digits, "0"), pa.int64()))
+    """A whole Volume as int64 (``806400.0`` too); null where not whole (``_WHOLE``) or beyond
+    int64, whatever the column's other values."""
+    whole = _is_true(pc.match_substring_regex(text, _WHOLE))
+    digits = pc.replace_substring_regex(text, r"\.0*$", "")
+    magnitude = pc.replace_substring_regex(digits, r"^-", "")
+    length = pc.utf8_length(magnitude).to_numpy(zero_copy_only=False)
+    fits = (length < len(_INT64_MAX)) | (
+        (length == len(_INT64_MAX)) & _is_true(pc.less_equal(magnitude, _INT64_MAX))
+    )
+    ok = pa.array(whole & fits)
+    return _where(ok, pc.cast(pc.if_else(ok, digits, "0"), pa.int64()))
 
 
 def reject_repeated_dates(tables: list[pa.Table]) -> list[pa.Table]:

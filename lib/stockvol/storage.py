@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from py4j.protocol import Py4JJavaError
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.pandas.types import to_arrow_schema
 from pyspark.sql.types import StructType
 
+from stockvol.cli import PipelineError
 from stockvol.config import STORAGE_FORMATS
 from stockvol.schema import DATE, SYMBOL
 
@@ -25,13 +28,24 @@ STATS_COLUMNS = (SYMBOL, DATE)
 _STATS_PROPERTY = "delta.dataSkippingStatsColumns"
 
 
+log = logging.getLogger("stockvol")
+
+
 class TableNotFoundError(FileNotFoundError):
     """A lake table the job needs has not been written yet."""
+
+
+class ConcurrentWriteError(PipelineError):
+    """Another writer committed to a Delta table while this job was writing it: nothing was
+    committed by this job, which can simply be rerun."""
 
 
 def _check_format(storage_format: str) -> None:
     if storage_format not in STORAGE_FORMATS:
         raise ValueError(f"storage format must be one of {STORAGE_FORMATS}, got {storage_format!r}")
+
+
+_TASKS_SUFFIX = ".tasks"
 
 
 def _versions_dir(path: Path) -> Path:
@@ -75,10 +89,11 @@ class TableWrite:
     path: Path  # the table
     storage_format: str
     schema: StructType  # the table's columns (logical names)
-    directory: Path  # where the tasks write the files
+    directory: Path  # where the tasks write the files (Parquet: beside the version, not in it)
     prefix: str  # every file of this write is named ``prefix`` + a fresh id + ``.parquet``
     file_schema: pa.Schema  # the files' columns: a Delta table's physical names, in schema order
     in_place: bool  # Delta: the files are committed where they are (else Spark copies them)
+    read_version: int | None = None  # Delta in place: the version the write was planned on
 
     def new_file(self) -> str:
         """A fresh file name: a retried task never writes over a file another attempt
@@ -91,10 +106,14 @@ def prepare_write(
 ) -> TableWrite:
     """Get the table at ``path`` ready for a write of ``schema`` by tasks (see ``TableWrite``).
 
-    Parquet: the files go to a fresh version directory. Delta: into the table's own directory,
+    Parquet: the files go to a staging directory beside a fresh version directory, which
+    ``publish`` fills with the reported files only. Delta: into the table's own directory,
     named with the table's physical column names (column mapping), so ``publish`` commits them
-    where they are. A Delta table that does not exist yet is created empty first; one whose
-    columns differ gets the files staged aside and copied by Spark with the new schema.
+    where they are. A Delta table that does not exist yet is created empty first. The files are
+    staged aside and copied by Spark's public Delta writer instead when the table's columns
+    differ, when Delta's internal API is not the one ``_commit_files`` was written for, or when
+    the table uses a feature that commit would bypass (``_in_place_refusal``): all checked here,
+    before any task runs.
     """
     _check_format(storage_format)
     # Absolute, as Spark's own writers make a path on the driver: executors run elsewhere (a
@@ -104,19 +123,126 @@ def prepare_write(
     arrow = to_arrow_schema(schema)
     staged = TableWrite(path, storage_format, schema, new_staging_dir(path), "part-", arrow, False)
     if storage_format == "parquet":
-        return staged
+        return replace(staged, directory=_tasks_dir(staged.directory))
     if not table_exists(path, "delta"):
         write_table(spark.createDataFrame([], schema), path, "delta")  # sets the properties
     fields = json.loads(_delta_log(spark, path).startTransaction().metadata().schemaString())
     if [(f["name"], f["type"]) for f in fields["fields"]] != _logical_columns(schema):
         return staged  # write_table (in publish) changes the columns and properties together
     _set_properties(spark, path, _table_properties(schema.names))
+    transaction = _delta_log(spark, path).startTransaction()
+    refusal = _in_place_refusal(spark, transaction.snapshot())
+    if refusal:
+        log.warning("%s: written through Spark's Delta writer: %s", path, refusal)
+        return staged
     physical = [
         field.with_name(_physical_name(column)).with_metadata(_field_id(column))
         for field, column in zip(arrow, fields["fields"], strict=True)
     ]
     prefix = f"part-{uuid.uuid4().hex[:12]}-"
-    return TableWrite(path, "delta", schema, path, prefix, pa.schema(physical), True)
+    version = int(transaction.readVersion())
+    return TableWrite(path, "delta", schema, path, prefix, pa.schema(physical), True, version)
+
+
+# The internal Delta API _commit_files and table_files call, as delta-spark 4.4 (pinned in
+# spark-defaults.conf) has it: class -> the signatures used. Another version may differ.
+DELTA = "org.apache.spark.sql.delta"
+DELTA_API = {
+    f"{DELTA}.DeltaLog": (
+        f"public static {DELTA}.DeltaLog {DELTA}.DeltaLog.forTable("
+        "org.apache.spark.sql.SparkSession,java.lang.String)",
+        f"public {DELTA}.OptimisticTransaction {DELTA}.DeltaLog.startTransaction()",
+        f"public {DELTA}.Snapshot {DELTA}.DeltaLog.getSnapshotAt("
+        "long,scala.Option,scala.Option,boolean)",
+    ),
+    f"{DELTA}.OptimisticTransaction": (
+        f"public scala.collection.immutable.Seq {DELTA}.OptimisticTransaction.filterFiles()",
+        f"public long {DELTA}.OptimisticTransaction.commit("
+        f"scala.collection.immutable.Seq,{DELTA}.DeltaOperations$Operation)",
+    ),
+    f"{DELTA}.DeltaOperations$Write": (  # the constructor: SaveMode and 8 options
+        f"public {DELTA}.DeltaOperations$Write(org.apache.spark.sql.SaveMode"
+        + ",scala.Option" * 8
+        + ")",
+    ),
+    f"{DELTA}.actions.Action": (
+        f"public static {DELTA}.actions.Action {DELTA}.actions.Action.fromJson(java.lang.String)",
+    ),
+    f"{DELTA}.actions.AddFile": (
+        f"public {DELTA}.actions.RemoveFile {DELTA}.actions.AddFile.remove()",
+    ),
+}
+# Table features an in-place commit keeps: column mapping (the files carry the physical names);
+# append-only and invariants, which a fresh table lists, are refused below when in use.
+IN_PLACE_WRITER_FEATURES = {"columnMapping", "appendOnly", "invariants"}
+IN_PLACE_READER_FEATURES = {"columnMapping"}
+# Table properties that make a plain add/remove commit wrong (or that Delta would refuse).
+_REFUSED_PROPERTIES = ("delta.appendOnly", "delta.enableChangeDataFeed", "delta.enableRowTracking")
+# Column metadata that Delta enforces or fills only on its own write path.
+_REFUSED_COLUMN_METADATA = ("delta.invariants", "delta.generationExpression", "delta.identity.")
+
+
+# What _delta_api_mismatch found, per JVM and pinned API: it lists every method of each class
+# through py4j, a quarter to half a second, and a JVM's classes do not change.
+_API_CHECKS: dict[tuple, str | None] = {}
+
+
+def _delta_api_mismatch(spark: SparkSession) -> str | None:
+    """The first pinned signature (``DELTA_API``) the running Delta lacks, or None."""
+    key = (id(spark._jvm), tuple(DELTA_API.items()))
+    if key not in _API_CHECKS:
+        _API_CHECKS[key] = _find_api_mismatch(spark)
+    return _API_CHECKS[key]
+
+
+def _find_api_mismatch(spark: SparkSession) -> str | None:
+    reflection = spark._jvm.py4j.reflection.ReflectionUtil
+    for name, signatures in DELTA_API.items():
+        try:
+            cls = reflection.classForName(name)
+        except Py4JJavaError:
+            return f"no class {name}"
+        members = {m.toString() for m in (*cls.getMethods(), *cls.getConstructors())}
+        missing = [signature for signature in signatures if signature not in members]
+        if missing:
+            return f"{name} has no {missing[0]}"
+    return None
+
+
+def _in_place_refusal(spark: SparkSession, snapshot) -> str | None:  # noqa: ANN001 (py4j)
+    """Why the files cannot be committed where they are (None: they can): Delta's internal API
+    differs from the pinned one, or the table has a feature, constraint or property that Delta
+    enforces on its own write path, which that commit would bypass."""
+    mismatch = _delta_api_mismatch(spark)
+    if mismatch:
+        return f"Delta's internal API differs from the pinned one ({mismatch})"
+    protocol = json.loads(snapshot.protocol().json())["protocol"]
+    if protocol.get("minReaderVersion", 1) > 3 or protocol.get("minWriterVersion", 1) > 7:
+        return f"table protocol {protocol} is newer than this code"
+    unknown = (set(protocol.get("writerFeatures", [])) - IN_PLACE_WRITER_FEATURES) | (
+        set(protocol.get("readerFeatures", [])) - IN_PLACE_READER_FEATURES
+    )
+    if unknown:
+        return f"table features {sorted(unknown)}"
+    metadata = snapshot.metadata()
+    to_java = spark._jvm.scala.jdk.javaapi.CollectionConverters
+    properties = dict(to_java.asJava(metadata.configuration()))
+    for key, value in properties.items():
+        if key.startswith("delta.constraints.") or (
+            key in _REFUSED_PROPERTIES and value.lower() == "true"
+        ):
+            return f"table property {key} = {value}"
+    for column in json.loads(metadata.schemaString())["fields"]:
+        if any(key.startswith(_REFUSED_COLUMN_METADATA) for key in column["metadata"]):
+            return f"column {column['name']!r} has {sorted(column['metadata'])}"
+    return None
+
+
+def _tasks_dir(version: Path) -> Path:
+    """Where the tasks of a Parquet write put their files: beside the version directory, so a
+    task attempt that finishes after ``publish`` (speculative, or orphaned by a lost executor)
+    writes outside the live table."""
+    return version.with_name(f"{version.name}{_TASKS_SUFFIX}")
 
 
 def new_staging_dir(path: Path) -> Path:
@@ -143,7 +269,13 @@ def publish(spark: SparkSession, target: TableWrite, files: list[str]) -> int:
         if entry.name not in listed:
             entry.unlink()
     if target.in_place:
-        rows = _commit_files(spark, target, [target.directory / name for name in sorted(listed)])
+        paths = [target.directory / name for name in sorted(listed)]
+        try:
+            rows = _commit_files(spark, target, paths)
+        except Exception:  # not committed: the files are nobody's
+            for file in paths:
+                file.unlink(missing_ok=True)
+            raise
         shutil.rmtree(_versions_dir(target.path), ignore_errors=True)  # Parquet versions
         return rows
     if target.storage_format == "delta":
@@ -151,10 +283,15 @@ def publish(spark: SparkSession, target: TableWrite, files: list[str]) -> int:
         copied = reader.parquet(*files) if files else spark.createDataFrame([], target.schema)
         write_table(copied, target.path, "delta")
         return read_table(spark, target.path, "delta").count()
-    rows = sum(pq.read_metadata(target.directory / name).num_rows for name in listed)
+    # Parquet: the reported files move into the version directory, which becomes the table.
+    version = target.directory.with_name(target.directory.name.removesuffix(_TASKS_SUFFIX))
+    version.mkdir()
+    for name in listed:
+        os.replace(target.directory / name, version / name)
+    rows = sum(pq.read_metadata(version / name).num_rows for name in listed)
     if not files:  # an empty table still has its schema
-        pq.write_table(target.file_schema.empty_table(), target.directory / "part-empty.parquet")
-    _swap_in(target.directory, target.path)
+        pq.write_table(target.file_schema.empty_table(), version / "part-empty.parquet")
+    _swap_in(version, target.path)  # also removes the tasks' directory
     return rows
 
 
@@ -253,14 +390,25 @@ def _commit_files(spark: SparkSession, target: TableWrite, files: list[Path]) ->
     transaction API delta-spark itself is built on (``DeltaLog.startTransaction`` and
     ``OptimisticTransaction.commit``, pinned by the delta-spark version in
     spark-defaults.conf): removes come from Delta's own ``AddFile.remove``, adds from JSON in
-    the protocol's ``add`` format with statistics read from each file's Parquet footer. A
-    concurrent commit makes it fail as any Delta write would.
+    the protocol's ``add`` format with statistics read from each file's Parquet footer.
+    ``prepare_write`` checked that API and the table's features before the tasks ran.
+
+    A Delta write plans and commits in one transaction; here the tasks run in between, so any
+    commit since ``prepare_write`` (its ``read_version``) is a ``ConcurrentWriteError``, as is
+    one that Delta's own conflict check finds in the last moment.
     """
     jvm = spark._jvm
     transaction = _delta_log(spark, target.path).startTransaction()
     fields = json.loads(transaction.metadata().schemaString())["fields"]
-    if [_physical_name(f) for f in fields] != target.file_schema.names:
-        raise RuntimeError(f"{target.path}: the table's columns changed during the write")
+    if int(transaction.readVersion()) != target.read_version:
+        # A Delta write plans and commits in one transaction; here the tasks ran in between.
+        changed = [_physical_name(f) for f in fields] != target.file_schema.names
+        raise ConcurrentWriteError(
+            f"{target.path}: version {transaction.readVersion()} was committed while this job "
+            f"wrote version {target.read_version} + 1"
+            + ("; the table's columns changed" if changed else "")
+            + ": nothing was committed, rerun the job"
+        )
     to_scala = jvm.scala.jdk.javaapi.CollectionConverters
     actions = jvm.java.util.ArrayList()
     current = to_scala.asJava(transaction.filterFiles())
@@ -275,7 +423,16 @@ def _commit_files(spark: SparkSession, target: TableWrite, files: list[Path]) ->
     none = jvm.scala.Option.apply(None)
     write = getattr(jvm.org.apache.spark.sql.delta, "DeltaOperations$Write")
     operation = write(jvm.org.apache.spark.sql.SaveMode.Overwrite, *[none] * 8)
-    transaction.commit(to_scala.asScala(actions).toSeq(), operation)
+    try:
+        transaction.commit(to_scala.asScala(actions).toSeq(), operation)
+    except Py4JJavaError as err:  # a commit in the last moment: Delta's own conflict check
+        kind = err.java_exception.getClass().getName()
+        if "Concurrent" not in kind and "Changed" not in kind:
+            raise
+        raise ConcurrentWriteError(
+            f"{target.path}: another commit conflicted with this one ({kind.rsplit('.', 1)[-1]})"
+            ": nothing was committed, rerun the job"
+        ) from None
     return rows
 
 
@@ -337,10 +494,12 @@ def table_files(
     metadata = snapshot.metadata()
     if metadata.partitionColumns().nonEmpty():
         return None
-    added = DataFrame(snapshot.allFiles().toDF(), spark).select("path", "deletionVector").collect()
-    if any(row["deletionVector"] is not None for row in added):
+    # The add actions as JSON lines, joined in the JVM: one call, no PySpark-private constructor.
+    added = spark._jvm.java.lang.String.join("\n", snapshot.allFiles().toJSON().collectAsList())
+    added = [json.loads(line) for line in added.splitlines()]
+    if any(add.get("deletionVector") is not None for add in added):
         return None
-    files = [_absolute(path, unquote(row["path"])) for row in added]
+    files = [_absolute(path, unquote(add["path"])) for add in added]
     fields = json.loads(metadata.schemaString())["fields"]
     return TableFiles(sorted(files), {f["name"]: _physical_name(f) for f in fields})
 

@@ -35,7 +35,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from stockvol.cli import PipelineError
-from stockvol.config import HORIZONS, SPLIT_METHODS, TARGETS, Config, ConfigError, ModelParams
+from stockvol.config import HORIZONS, SPLIT_METHODS, TARGETS, Config, ModelParams, validate_model
 from stockvol.schema import (
     DATE,
     FEATURE_COLUMNS,
@@ -351,18 +351,9 @@ class TrainResult:
 
 
 def check_params(params: ModelParams) -> ModelParams:
-    """Raise ConfigError for settings ModelParams' own validation does not cover."""
-    if params.split not in SPLIT_METHODS:
-        raise ConfigError(f"split must be one of {', '.join(SPLIT_METHODS)}, got {params.split!r}")
-    if params.train_max_rows is not None and params.train_max_rows < 1:
-        raise ConfigError(f"train_max_rows must be at least 1, got {params.train_max_rows}")
-    if params.max_bins < 2:
-        raise ConfigError(f"max_bins must be at least 2, got {params.max_bins}")
-    for name in ("tune_num_trees", "tune_max_depth", "tune_max_bins"):
-        values = tuple(getattr(params, name))
-        if not values or any(not isinstance(v, int) or v < 1 for v in values):
-            raise ConfigError(f"{name} must be a non-empty list of positive integers, got {values}")
-    return params
+    """Raise ConfigError naming the first invalid model setting (``config.validate_model``, which
+    every job also runs before Spark starts), for callers that build ModelParams themselves."""
+    return validate_model(params)
 
 
 def _profile(features: DataFrame, params: ModelParams) -> pd.DataFrame:
