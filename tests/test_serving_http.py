@@ -62,10 +62,11 @@ def request(url: str, data: bytes | None = None, method: str | None = None) -> t
 
 @contextmanager
 def gunicorn(
-    model_dir: Path, log: Path, workers: int = 2, pidfile: Path | None = None
+    model_dir: Path, log: Path, workers: int = 2, pidfile: Path | None = None, **settings: str
 ) -> Iterator[Server]:
     """gunicorn with the project's config on a free loopback port; stopped (SIGTERM) on exit,
-    together with any master a USR2 started (found through the pid file)."""
+    together with any master a USR2 started (found through the pid file). ``settings`` are more
+    environment variables (KEEPALIVE, REQUEST_TIMEOUT, ...)."""
     env = {
         **os.environ,
         "MODEL_DIR": str(model_dir),
@@ -73,6 +74,7 @@ def gunicorn(
         "PORT": "0",
         "WEB_CONCURRENCY": str(workers),
         "PIDFILE": str(pidfile or ""),
+        **settings,
     }
     command = [str(GUNICORN), "--config", "serving/gunicorn.conf.py", "serving.wsgi:app"]
     with log.open("wb") as sink:
