@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import re
+import runpy
 import shutil
 import signal
 import subprocess
@@ -393,3 +394,38 @@ def test_make_serve_runs_gunicorn_on_port_8000() -> None:
     assert "MODEL_DIR=${MODEL_DIR:-data/model}" in result.stdout
     conf = (ROOT / "serving" / "gunicorn.conf.py").read_text()
     assert "os.environ.get('PORT', '8000')" in conf
+
+
+def gunicorn_settings(**env: str) -> dict[str, Any]:
+    """serving/gunicorn.conf.py evaluated in a fresh process with this environment."""
+    script = "import json, runpy; conf = runpy.run_path('serving/gunicorn.conf.py'); "
+    script += "print(json.dumps({k: v for k, v in conf.items() if k in ('workers', 'bind')}))"
+    environment = {k: v for k, v in os.environ.items() if k != "WEB_CONCURRENCY"}
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env={**environment, **env},
+        # Pinned to one CPU, as `docker run --cpuset-cpus 0` pins the container.
+        preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(result.stdout)
+
+
+def test_workers_follow_the_cpus_the_container_may_use_not_the_hosts(tmp_path: Path) -> None:
+    assert gunicorn_settings()["workers"] == 1  # os.cpu_count() would count the host's CPUs
+    assert gunicorn_settings(WEB_CONCURRENCY="3")["workers"] == 3
+    cpu_limit = runpy.run_path(str(ROOT / "serving" / "gunicorn.conf.py"))["cpu_limit"]
+    cpus = len(os.sched_getaffinity(0))
+    for cpu_max, expected in (
+        ("max 100000\n", cpus),  # no quota: the affinity mask
+        ("50000 100000\n", 1),  # half a CPU: one worker, never zero
+        ("150000 100000\n", min(cpus, 2)),  # 1.5 CPUs: two, if the mask allows
+        ("6400000 100000\n", cpus),  # a quota above the mask: the mask
+    ):
+        (tmp_path / "cpu.max").write_text(cpu_max)
+        assert cpu_limit(tmp_path) == expected, cpu_max
+    (tmp_path / "cpu.max").unlink()
+    assert cpu_limit(tmp_path) == cpus  # cgroup v1 or no cgroup: the affinity mask
