@@ -12,18 +12,23 @@ from typing import Any
 from urllib.parse import urlencode
 
 import numpy as np
+import pandas as pd
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
+from pyspark.ml import Pipeline
+from pyspark.ml.feature import VectorAssembler
+from pyspark.ml.regression import RandomForestRegressor
 from pyspark.sql import SparkSession
 from test_serving_parity import spark_model_dirs, spark_predictions
 from werkzeug.test import TestResponse
 
 from serving.app import create_app, reload_model
 from serving.forest import FEATURES, ModelFormatError, ModelNotFoundError
+from stockvol.schema import VOLUME
 
 VMA, MED = FEATURES
 # Valid spellings and the values they mean: each is predicted by Spark too.
@@ -565,6 +570,44 @@ def test_no_json_body_yields_a_5xx(app: Flask, payload: Any) -> None:
     response = app.test_client().post("/predict", data=body, content_type="application/json")
     assert response.status_code in (200, 400), response.get_data(as_text=True)
     documented(app, response, "/predict", "POST")
+
+
+# Leaves of exactly k + 0.5: the API's rounding meets a tie on every one.
+TIES = (0.5, 1.5, 2.5, 3.5)
+
+
+def test_ties_round_to_even_alike_for_one_row_and_a_batch(
+    spark: SparkSession, tmp_path: Path
+) -> None:
+    """A real forest whose every leaf is k + 0.5 (one label per vol_moving_avg band, splits on
+    every feature allowed, so each leaf is pure): GET (Python's round) and POST (numpy's rint)
+    must both round ties to even, as the docs say. int(x + 0.5) would give 1, 2, 3, 4."""
+    rng = np.random.default_rng(8)
+    bands = np.repeat(np.arange(len(TIES)), 200)
+    vma = 1000.0 + 2000.0 * bands + rng.uniform(0, 1000, bands.size)  # gaps between the bands
+    frame = pd.DataFrame(
+        {VMA: vma, MED: rng.uniform(1, 100, bands.size), VOLUME: np.take(TIES, bands)}
+    )
+    forest = RandomForestRegressor(
+        labelCol=VOLUME, numTrees=5, maxDepth=3, featureSubsetStrategy="all", seed=3
+    )
+    assembler = VectorAssembler(inputCols=list(FEATURES), outputCol="features")
+    Pipeline(stages=[assembler, forest]).fit(spark.createDataFrame(frame)).write().save(
+        str(tmp_path / "model")
+    )
+    points = np.column_stack([1500.0 + 2000.0 * np.arange(len(TIES)), np.full(len(TIES), 50.0)])
+    assert spark_predictions(spark, tmp_path / "model", points).tolist() == list(TIES)
+
+    client = create_app({"MODEL_DIR": str(tmp_path / "model")}).test_client()
+    one_row = [
+        client.get("/predict", query_string={VMA: repr(a), MED: repr(b)}).get_json()
+        for a, b in points.tolist()
+    ]
+    batch = client.post(
+        "/predict", json={"instances": [{VMA: a, MED: b} for a, b in points.tolist()]}
+    ).get_json()
+    assert [body["predicted_volume"] for body in one_row] == [0, 2, 2, 4]
+    assert batch["predicted_volume"] == [0, 2, 2, 4]
 
 
 @settings(max_examples=200, deadline=None)

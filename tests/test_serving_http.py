@@ -309,11 +309,19 @@ def test_gunicorn_refuses_to_start_on_an_invalid_model(
     assert "GBTRegressionModel" in output
 
 
-def test_gunicorn_without_a_model_answers_503(tmp_path: Path) -> None:
-    with gunicorn(tmp_path / "absent", tmp_path / "gunicorn.log", workers=1) as server:
+def test_gunicorn_without_a_model_answers_503_until_a_hup_once_there_is_one(
+    model_dirs: dict[int, Path], probes: np.ndarray, spark_says: dict, tmp_path: Path
+) -> None:
+    link = tmp_path / "model"
+    with gunicorn(link, tmp_path / "gunicorn.log", workers=1) as server:
         status, body = server.get("/health")
         assert (status, body["status"]) == (503, "unavailable")
         assert server.get(f"/predict?{VMA}=1&{MED}=1")[0] == 503
+        swap(link, model_dirs[2])  # the first training publishes its model
+        assert server.get("/health")[0] == 503  # read once: nothing changes without a reload
+        server.process.send_signal(signal.SIGHUP)
+        wait_for_model(server, model_dirs[2])
+        assert predict_all(server, probes) == spark_says[2]
 
 
 # Stands in for the image's site-packages: flask, gunicorn, numpy, pyarrow and nothing else.
