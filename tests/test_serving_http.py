@@ -209,15 +209,13 @@ def swap(link: Path, target: Path) -> None:
 
 
 def wait_for_model(server: Server, model_dir: Path, streak: int = 10) -> None:
-    """Until /health names model_dir on `streak` answers in a row (every worker has it)."""
+    """Until /health names model_dir on `streak` answers in a row (every worker has it). Every
+    request must be answered: a HUP or a USR2 swap drops none (docs/serving.md)."""
     expected, seen = model_dir.resolve().name, 0
     deadline = time.monotonic() + START_TIMEOUT
     while seen < streak:
         assert time.monotonic() < deadline, server.log.read_text()
-        try:
-            seen = seen + 1 if server.get("/health")[1].get("version") == expected else 0
-        except (urllib.error.URLError, ConnectionError):
-            seen = 0  # HUP may drop a connection (gunicorn issue 3394); USR2 is checked strictly
+        seen = seen + 1 if server.get("/health")[1].get("version") == expected else 0
         time.sleep(0.05)
 
 
