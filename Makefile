@@ -83,7 +83,7 @@ bench-sweep: setup  ## 0.25x, 0.5x, 1x, 2x size, then the plot docs/benchmarks-s
 serve: setup  ## gunicorn serving.wsgi:app on :8000; reload a new model with kill -HUP <master pid>
 	MODEL_DIR=$${MODEL_DIR:-$(DATA)/model} $(VENV)/bin/gunicorn --config serving/gunicorn.conf.py serving.wsgi:app
 
-bench-serving: setup  ## in-process and through-gunicorn prediction latency and throughput
+bench-serving: setup  ## in-process and through-gunicorn latency and throughput, keep-alive and not; held connections
 	$(PY) benchmarks/serving.py --model-dir $${MODEL_DIR:-$(DATA)/model} $(SERVING_BENCH_ARGS)
 
 lint: setup

@@ -10,12 +10,16 @@ In-process (this process only; p50/p99 of individually timed calls):
   * batches: rows/s of ``ServingModel.predict`` on 1M rows, of the numpy tree walk, and of
     POST /predict with MAX_BATCH instances through the test client (JSON parsing included).
 
-Through gunicorn (loopback, wrk): the same ``serving/gunicorn.conf.py`` (2 sync workers) serving
-(a) a trivial Flask app whose GET /predict returns a constant and (b) ``serving.wsgi:app`` on the
-model; both up at once, short wrk runs alternated ``--rounds`` times, each bounded by
-``--duration`` and ``--max-requests``. Prints requests/s, p50/p99 latency, the servers' CPU per
-request, errors, and the ratios b/a. wrk, the workers and the masters share the machine's cores,
-so the absolute figures understate a real server.
+Through gunicorn (loopback, wrk): a trivial Flask app whose GET /predict returns a constant, under
+plain gunicorn (its defaults: sync workers, no config file), and ``serving.wsgi:app`` on the model
+under ``serving/gunicorn.conf.py`` as is (``--worker-classes config``) and with other worker classes
+(``sync``, ``gthread`` with ``--threads``, ``gevent``); all up at once, ``--workers`` each. Short
+wrk runs alternate between them ``--rounds`` times, each with keep-alive (wrk's default) and with
+``Connection: close`` (a new connection per request), bounded by ``--duration`` and
+``--max-requests``. Prints requests/s, p50/p99 latency, the servers' CPU per request and errors.
+Then, per server and per count in ``--slow-clients``, holds that many connections that sent half a
+request's headers and times a fresh GET /health (5 s timeout: "down" beyond). wrk, the workers and
+the masters share the machine's cores, so the absolute figures understate a real server.
 
 A script, not a test: the figures depend on the machine and on what else runs on it (the load
 average is printed before and after).
@@ -25,16 +29,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
 import os
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +73,10 @@ def predict():
 # wrk picks a random path from the list for each request and stops after max_requests answers.
 WRK_SCRIPT = """
 local paths = {%s}
+local headers = %s
 local answered, max_requests = 0, %d
 request = function()
-  return wrk.format("GET", paths[math.random(#paths)])
+  return wrk.format("GET", paths[math.random(#paths)], headers)
 end
 response = function(status, headers, body)
   answered = answered + 1
@@ -176,13 +184,46 @@ def rows_per_second(name: str, run: Callable[[], Any], rows: int, repeats: int =
 # --- through gunicorn ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ServerSpec:
+    """One server to measure: a gunicorn command line and its environment."""
+
+    name: str
+    argv: tuple[str, ...]
+    env: dict[str, str]
+
+
+def server_specs(model_dir: Path, args: argparse.Namespace, work: Path) -> list[ServerSpec]:
+    """The no-model Flask app under plain gunicorn (its defaults: sync workers, no config file),
+    then serving.wsgi:app under serving/gunicorn.conf.py once per worker class asked for."""
+    specs = [
+        ServerSpec(
+            "no-model Flask app, plain gunicorn (sync)",
+            ("--workers", str(args.workers), "--pythonpath", str(work), "noop_app:app"),
+            {},
+        )
+    ]
+    for worker_class in args.worker_classes.split(","):
+        extra = ("--threads", str(args.threads)) if worker_class == "gthread" else ()
+        if worker_class == "config":
+            name, flags = "serving.wsgi:app, gunicorn.conf.py", ()
+        else:
+            name, flags = f"serving.wsgi:app, -k {worker_class}", ("-k", worker_class, *extra)
+        specs.append(
+            ServerSpec(
+                name,
+                ("--config", "serving/gunicorn.conf.py", *flags, "serving.wsgi:app"),
+                {"MODEL_DIR": str(model_dir), "WEB_CONCURRENCY": str(args.workers)},
+            )
+        )
+    return specs
+
+
 @contextlib.contextmanager
-def gunicorn(
-    app_spec: str, env: dict[str, str], log: Path, workers: int
-) -> Iterator[tuple[str, int]]:
-    """gunicorn with the project's config on a free loopback port; yields (URL, master pid)."""
-    env = {**os.environ, **env, "HOST": "127.0.0.1", "PORT": "0", "WEB_CONCURRENCY": str(workers)}
-    command = [str(GUNICORN), "--config", "serving/gunicorn.conf.py", *app_spec.split()]
+def gunicorn(spec: ServerSpec, log: Path) -> Iterator[tuple[str, int]]:
+    """gunicorn on a free loopback port; yields (URL, master pid)."""
+    env = {**os.environ, **spec.env, "HOST": "127.0.0.1", "PORT": "0"}
+    command = [str(GUNICORN), "--bind", "127.0.0.1:0", *spec.argv]
     with log.open("wb") as sink:
         process = subprocess.Popen(
             command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT
@@ -195,7 +236,7 @@ def gunicorn(
                 raise SystemExit(f"gunicorn did not start:\n{log.read_text()}")
             time.sleep(0.1)
         url = found.group(1)
-        while log.read_text().count("Booting worker") < workers or not _answers(url):
+        while log.read_text().count("Booting worker") < 1 or not _answers(url):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"gunicorn is not ready:\n{log.read_text()}")
             time.sleep(0.2)
@@ -242,7 +283,9 @@ def run_wrk(url: str, script: Path, args: argparse.Namespace) -> dict[str, Any]:
         url,
     ]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    socket = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    socket_errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
+    )
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     latency = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+(?:us|ms|s))$", out, re.MULTILINE))
     return {
@@ -250,7 +293,8 @@ def run_wrk(url: str, script: Path, args: argparse.Namespace) -> dict[str, Any]:
         "requests_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
         "p50_ms": _milliseconds(latency["50"]),
         "p99_ms": _milliseconds(latency["99"]),
-        "socket_errors": sum(int(n) for n in socket.groups()) if socket else 0,
+        # With Connection: close, wrk counts the server's close after each answer as a read error.
+        "socket_errors": sum(int(n) for n in socket_errors.groups()) if socket_errors else 0,
         "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
     }
 
@@ -261,55 +305,89 @@ def server_cpu_seconds(master_pid: int) -> float:
     return sum(sum(p.cpu_times()[:2]) for p in [master, *master.children(recursive=True)])
 
 
+def slow_clients(url: str, count: int, timeout: float = 5.0) -> float | None:
+    """Hold ``count`` connections that sent half a request's headers, then time a fresh
+    GET /health; its seconds, or None if it got no answer within ``timeout`` (the API is down)."""
+    host, port = url.removeprefix("http://").split(":")
+    held = []
+    try:
+        for _ in range(count):
+            sock = socket.create_connection((host, int(port)), timeout=timeout)
+            held.append(sock)
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        time.sleep(0.5)  # let the workers take them
+        started = time.monotonic()
+        conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+        try:
+            conn.request("GET", "/health")
+            conn.getresponse().read()
+            return time.monotonic() - started
+        except OSError:
+            return None
+        finally:
+            conn.close()
+    finally:
+        for sock in held:
+            sock.close()
+        time.sleep(1.0)  # let the server notice the closes before the next measurement
+
+
 def through_gunicorn(model_dir: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Both servers up at once; short wrk runs alternate between them, so drifts in the machine's
-    load hit both alike. Besides requests/s, the servers' CPU seconds per request are counted:
-    on a shared machine that is the steadier figure (a CPU-bound server's throughput is its cores
-    divided by it)."""
+    """Every server up at once; short wrk runs alternate between them (with keep-alive and with
+    Connection: close), so drifts in the machine's load hit all alike. Besides requests/s, the
+    servers' CPU seconds per request are counted: on a shared machine that is the steadier figure.
+    Then each server's answer to held-open connections (``--slow-clients``)."""
     if shutil.which("wrk") is None:
         return {"skipped": "wrk is not installed (apt-get install wrk)"}
     (work / "noop_app.py").write_text(NOOP_APP)
     paths = [f"/predict?{VMA}={a!r}&{MED}={b!r}" for a, b in sample_inputs(1000, 3).tolist()]
-    script = work / "paths.lua"
-    script.write_text(WRK_SCRIPT % (", ".join(json.dumps(p) for p in paths), args.max_requests))
-    specs = {
-        "no-model Flask app": (f"--pythonpath {work} noop_app:app", {}),
-        "serving.wsgi:app": ("serving.wsgi:app", {"MODEL_DIR": str(model_dir)}),
+    scripts = {}
+    for mode, headers in (("keep-alive", "{}"), ("close", '{["Connection"] = "close"}')):
+        scripts[mode] = work / f"{mode}.lua"
+        scripts[mode].write_text(
+            WRK_SCRIPT % (", ".join(json.dumps(p) for p in paths), headers, args.max_requests)
+        )
+    specs = server_specs(model_dir, args, work)
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {
+        (spec.name, mode): [] for spec in specs for mode in scripts
     }
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in specs}
+    held: dict[str, dict[int, float | None]] = {spec.name: {} for spec in specs}
     with contextlib.ExitStack() as stack:
         servers = {
-            name: stack.enter_context(gunicorn(spec, env, work / f"{i}.log", args.workers))
-            for i, (name, (spec, env)) in enumerate(specs.items())
+            spec.name: stack.enter_context(gunicorn(spec, work / f"{i}.log"))
+            for i, spec in enumerate(specs)
         }
         for _ in range(args.rounds):
-            for name, (url, pid) in servers.items():
+            for (name, mode), results in runs.items():
+                url, pid = servers[name]
                 cpu = server_cpu_seconds(pid)
-                result = run_wrk(url, script, args)
+                result = run_wrk(url, scripts[mode], args)
                 result["server_cpu_us_per_request"] = (
                     (server_cpu_seconds(pid) - cpu) / max(result["requests"], 1) * 1e6
                 )
-                runs[name].append(result)
-    summary = {
-        name: {
+                results.append(result)
+        counts = [int(n) for n in args.slow_clients.split(",") if n]
+        for name, (url, _) in servers.items():
+            for count in counts:
+                held[name][count] = slow_clients(url, count)
+    rows = [
+        {
+            "server": name,
+            "mode": mode,
             "requests_per_s": statistics.median(r["requests_per_s"] for r in results),
             "p50_ms": statistics.median(r["p50_ms"] for r in results),
             "p99_ms": statistics.median(r["p99_ms"] for r in results),
             "cpu_us_per_request": statistics.median(
                 r["server_cpu_us_per_request"] for r in results
             ),
-            "errors": sum(r["socket_errors"] + r["non_2xx"] for r in results),
+            "non_2xx": sum(r["non_2xx"] for r in results),
+            "socket_errors": sum(r["socket_errors"] for r in results),
             "requests": sum(r["requests"] for r in results),
             "runs": results,
         }
-        for name, results in runs.items()
-    }
-    baseline, model = (summary[name] for name in specs)
-    return {
-        "servers": summary,
-        "ratio": model["requests_per_s"] / baseline["requests_per_s"],
-        "cpu_ratio": baseline["cpu_us_per_request"] / model["cpu_us_per_request"],
-    }
+        for (name, mode), results in runs.items()
+    ]
+    return {"rows": rows, "slow_clients": held}
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -336,24 +414,28 @@ def report(results: dict[str, Any]) -> None:
     if "skipped" in http:
         print(f"\nthrough gunicorn: skipped, {http['skipped']}")
     else:
+        a = results["args"]
         print(
-            f"\nthrough gunicorn ({results['args']['workers']} sync workers, wrk 1 thread "
-            f"{results['args']['connections']} connections, {results['args']['duration']} s x "
-            f"{results['args']['rounds']} alternated rounds, same cores)"
+            f"\nthrough gunicorn ({a['workers']} workers each, wrk 1 thread {a['connections']}"
+            f" connections, {a['duration']} s x {a['rounds']} alternated rounds, same cores)"
         )
         print(
-            "                                 req/s (median)  p50 ms  p99 ms  server CPU us/req"
-            "  errors  requests"
+            f"  {'server':<44}{'mode':<12}{'req/s':>8}{'p50 ms':>8}{'p99 ms':>8}"
+            f"{'CPU us/req':>11}{'non-2xx':>8}{'sock err':>9}{'requests':>10}"
         )
-        for name, row in http["servers"].items():
-            rates = " / ".join(f"{r['requests_per_s']:,.0f}" for r in row["runs"])
+        for row in http["rows"]:
             print(
-                f"  {name:<32}{row['requests_per_s']:>12,.0f}{row['p50_ms']:>8.2f}"
-                f"{row['p99_ms']:>8.2f}{row['cpu_us_per_request']:>19,.0f}{row['errors']:>8}"
-                f"{row['requests']:>10,}   (rounds: {rates})"
+                f"  {row['server']:<44}{row['mode']:<12}{row['requests_per_s']:>8,.0f}"
+                f"{row['p50_ms']:>8.2f}{row['p99_ms']:>8.2f}{row['cpu_us_per_request']:>11,.0f}"
+                f"{row['non_2xx']:>8}{row['socket_errors']:>9}{row['requests']:>10,}"
             )
-        print(f"  serving / no-model, throughput: {http['ratio']:.0%}")
-        print(f"  serving / no-model, 1 / server CPU per request: {http['cpu_ratio']:.0%}")
+        print("\n  held connections (half a request each): a fresh GET /health answered in")
+        for name, held in http["slow_clients"].items():
+            cells = "  ".join(
+                f"{count}: {'down' if s is None else f'{s * 1000:.0f} ms'}"
+                for count, s in held.items()
+            )
+            print(f"  {name:<44}{cells}")
     print(f"\nload average after {results['load_after']}")
 
 
@@ -389,6 +471,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--calls", type=int, default=200_000, help="one-row calls timed")
     parser.add_argument("--batch-rows", type=int, default=1_000_000)
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers")
+    parser.add_argument(
+        "--worker-classes",
+        default="config",
+        help="comma-separated: config (serving/gunicorn.conf.py as is), sync, gthread, gevent",
+    )
+    parser.add_argument("--threads", type=int, default=16, help="per gthread worker")
+    parser.add_argument(
+        "--slow-clients", default="2,64,256,900", help="held connections to try, comma-separated"
+    )
     parser.add_argument("--connections", type=int, default=8, help="wrk connections")
     parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
     parser.add_argument("--max-requests", type=int, default=500_000, help="per wrk run")

@@ -29,7 +29,9 @@ export SPARK_HOME
 # A daemon whose port is taken must fail with "Address already in use", not quietly bind the next
 # port: the compose file, the health checks and the native cluster all expect the configured ports.
 # The REST submission server (port 6066) is not used: off, so it cannot clash with another master.
-export SPARK_DAEMON_JAVA_OPTS="${SPARK_DAEMON_JAVA_OPTS:-} -Dspark.port.maxRetries=0 -Dspark.master.rest.enabled=false"
+# The web UIs' kill links are off: the master has no authentication, so anyone who can load its UI
+# could otherwise kill applications and drivers with one click.
+export SPARK_DAEMON_JAVA_OPTS="${SPARK_DAEMON_JAVA_OPTS:-} -Dspark.port.maxRetries=0 -Dspark.master.rest.enabled=false -Dspark.ui.killEnabled=false"
 
 # The first address of this host: what other containers (or, natively, other processes) can reach.
 primary_address() {

@@ -6,7 +6,9 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 from flask import Blueprint, Response, current_app, request
@@ -220,8 +222,7 @@ def health() -> tuple[dict[str, Any], int]:
     info = state.model.info
     return {
         "status": "ok",
-        "model_dir": info["model_dir"],
-        "resolved_dir": info["resolved_dir"],
+        "version": model_version(info),
         "loaded_at": info["loaded_at"],
         "trained_at": info["trained_at"],
     }, 200
@@ -230,7 +231,40 @@ def health() -> tuple[dict[str, Any], int]:
 @api.get("/model")
 def model_info() -> dict[str, Any]:
     """Stage parameters, metrics.json, when and on which table version the model was trained."""
-    return _model().info
+    return public_info(_model().info)
+
+
+# Keys of metrics.json that describe the training host, not the model.
+_PRIVATE_KEYS = frozenset({"spark_master"})
+
+
+def model_version(info: dict[str, Any]) -> str:
+    """The served version's directory name (``20261204T044824Z-fed85c57``), not its path."""
+    return PurePosixPath(info["resolved_dir"]).name
+
+
+def public_info(info: dict[str, Any]) -> dict[str, Any]:
+    """The model's metadata as the public API shows it: no path or URL of the serving or the
+    training host (the server's port is public; the logs have the full paths)."""
+    public = {k: _scrubbed(v) for k, v in info.items() if k not in ("model_dir", "resolved_dir")}
+    public["version"] = model_version(info)
+    if isinstance(info.get("metrics_error"), str):
+        public["metrics_error"] = info["metrics_error"].replace(
+            info["resolved_dir"], public["version"]
+        )
+    return public
+
+
+def _scrubbed(value: Any) -> Any:
+    """``value`` with host details removed: the keys in _PRIVATE_KEYS dropped, and an absolute
+    path or a URL (``/data/lake/features``, ``s3a://bucket/lake/features``) cut to its last part."""
+    if isinstance(value, dict):
+        return {k: _scrubbed(v) for k, v in value.items() if k not in _PRIVATE_KEYS}
+    if isinstance(value, list):
+        return [_scrubbed(v) for v in value]
+    if isinstance(value, str) and (value.startswith("/") or "://" in value):
+        return PurePosixPath(urlsplit(value).path).name
+    return value
 
 
 @api.get("/openapi.json")

@@ -26,7 +26,7 @@ BIN = Path(sys.executable).parent
 COMPOSE_FILE = PROJECT_ROOT / "docker-compose.yaml"
 SPARK_DOCKERFILE = PROJECT_ROOT / "docker" / "Dockerfile"
 SERVER_DOCKERFILE = PROJECT_ROOT / "serving" / "Dockerfile"
-DOCKERFILES = [p for p in (SPARK_DOCKERFILE, SERVER_DOCKERFILE) if p.exists()]
+DOCKERFILES = [SPARK_DOCKERFILE, SERVER_DOCKERFILE]  # every one is linted; a missing one fails
 IMAGE_ROOT = "/opt/stockvol"  # where docker/Dockerfile puts the project
 SPARK_SERVICES = ("spark-master", "spark-worker", "pipeline")
 
@@ -112,9 +112,18 @@ def test_hadolint_rejects_a_sloppy_dockerfile(tmp_path: Path) -> None:
     assert "DL3007" in result.stdout  # the `latest` tag
 
 
-def test_the_server_dockerfile_is_linted_once_it_exists() -> None:
-    assert SPARK_DOCKERFILE in DOCKERFILES
-    assert (SERVER_DOCKERFILE in DOCKERFILES) == SERVER_DOCKERFILE.exists()
+def test_every_dockerfile_in_the_project_is_linted() -> None:
+    """The list above is every Dockerfile git tracks: a new one is not silently left unlinted."""
+    tracked = subprocess.run(
+        ["git", "ls-files", "*Dockerfile*"],  # noqa: S607
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    found = {PROJECT_ROOT / path for path in tracked if not path.endswith(".dockerignore")}
+    assert found == set(DOCKERFILES)
+    assert all(path.is_file() for path in DOCKERFILES)
 
 
 # --- the images ----------------------------------------------------------------------------------
@@ -264,6 +273,44 @@ def test_containers_run_the_scripts_the_native_cluster_test_runs(compose: dict[s
         for name in ("spark-master", "spark-worker")
     ]
     assert health == ["python -m stockvol.cluster health"] * 2
+
+
+# --- exposure ------------------------------------------------------------------------------------
+
+
+def networks(spec: dict[str, Any]) -> set[str]:
+    """The networks a service joins (Compose puts one that names none on "default")."""
+    joined = spec.get("networks", ["default"])
+    return set(joined if isinstance(joined, list) else joined.keys())
+
+
+def test_the_master_ui_is_published_on_the_hosts_loopback_only(compose: dict[str, Any]) -> None:
+    for name in SPARK_SERVICES:
+        for port in services(compose)[name].get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), (name, port)
+    assert services(compose)["spark-master"]["ports"]  # still reachable from the host itself
+
+
+def test_the_public_server_shares_no_network_with_the_cluster(compose: dict[str, Any]) -> None:
+    server = networks(services(compose)["server"])
+    for name in SPARK_SERVICES:
+        assert not server & networks(services(compose)[name]), name
+    assert networks(services(compose)["spark-worker"]) == networks(
+        services(compose)["spark-master"]
+    )
+
+
+def test_the_spark_daemons_start_with_the_ui_kill_links_off() -> None:
+    """docker/common.sh sets the master's and workers' JVM options, in the images and natively."""
+    result = subprocess.run(
+        ["bash", "-c", 'source docker/common.sh && printf %s "$SPARK_DAEMON_JAVA_OPTS"'],  # noqa: S607
+        cwd=PROJECT_ROOT,
+        env={"PATH": "/usr/bin:/bin", "PYSPARK_PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "-Dspark.ui.killEnabled=false" in result.stdout.split()
 
 
 @pytest.mark.parametrize("script", sorted((PROJECT_ROOT / "docker").glob("*.sh")), ids=str)

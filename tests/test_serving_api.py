@@ -12,18 +12,23 @@ from typing import Any
 from urllib.parse import urlencode
 
 import numpy as np
+import pandas as pd
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
+from pyspark.ml import Pipeline
+from pyspark.ml.feature import VectorAssembler
+from pyspark.ml.regression import RandomForestRegressor
 from pyspark.sql import SparkSession
 from test_serving_parity import spark_model_dirs, spark_predictions
 from werkzeug.test import TestResponse
 
 from serving.app import create_app, reload_model
 from serving.forest import FEATURES, ModelFormatError, ModelNotFoundError
+from stockvol.schema import VOLUME
 
 VMA, MED = FEATURES
 # Valid spellings and the values they mean: each is predicted by Spark too.
@@ -368,7 +373,7 @@ def test_unexpected_errors_are_a_json_500_without_details(model_dir: Path) -> No
 def test_health_is_200_with_a_model(app: Flask, client: FlaskClient, model_dir: Path) -> None:
     body = documented(app, client.get("/health"), "/health", "GET")
     assert body["status"] == "ok"
-    assert body["resolved_dir"] == str(model_dir.resolve())
+    assert body["version"] == model_dir.resolve().name
     assert client.head("/health").status_code == 200
 
 
@@ -406,7 +411,7 @@ def test_a_reload_swaps_a_valid_model_in_and_keeps_the_model_otherwise(
     app = create_app({"MODEL_DIR": str(link)})
 
     def served() -> str:
-        return documented(app, app.test_client().get("/health"), "/health", "GET")["resolved_dir"]
+        return documented(app, app.test_client().get("/health"), "/health", "GET")["version"]
 
     def point_to(target: Path) -> None:
         staged = tmp_path / "model.new"
@@ -417,10 +422,10 @@ def test_a_reload_swaps_a_valid_model_in_and_keeps_the_model_otherwise(
     for broken in (tmp_path / "empty", tmp_path / "absent"):
         point_to(broken)
         assert reload_model(app) is False
-        assert served() == str(model_dirs[2].resolve())
+        assert served() == model_dirs[2].resolve().name
     point_to(model_dirs[8])
     assert reload_model(app) is True
-    assert served() == str(model_dirs[8].resolve())
+    assert served() == model_dirs[8].resolve().name
 
 
 def test_model_required_refuses_to_start_without_one(tmp_path: Path) -> None:
@@ -439,26 +444,50 @@ def test_environment_configures_the_app(model_dir: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("SERVING_MAX_BATCH", "7")
     app = create_app()
     assert app.config["MAX_BATCH"] == 7
-    assert app.test_client().get("/health").get_json()["model_dir"] == str(model_dir)
+    assert app.test_client().get("/health").get_json()["version"] == model_dir.resolve().name
 
 
-def test_model_reports_stages_metrics_and_lineage(model_dir: Path, tmp_path: Path) -> None:
+def test_model_reports_stages_metrics_and_lineage_but_no_host_detail(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """/model and /health are public: the version's name, not the paths of this host or of the
+    training host, and not the Spark master's address."""
     versions = tmp_path / ".model.versions" / "v1"
     shutil.copytree(model_dir, versions)
     metrics = {
         "test": {"rmse": 12.5, "r2": 0.5},
-        "lineage": {"features_path": "/data/lake/features", "format": "delta", "delta_version": 3},
+        "lineage": {
+            "features_path": "/home/alice/stockvol/data/lake/features",
+            "format": "delta",
+            "delta_version": 3,
+            "parquet_version": "s3a://bucket/prefix/lake/.features.versions/v7",
+            "spark_master": "spark://10.1.2.3:7077",
+        },
         "finished_at": "2026-01-02T03:04:05+00:00",
     }
     (versions / "metrics.json").write_text(json.dumps(metrics))
     (tmp_path / "model").symlink_to(versions)
     app = create_app({"MODEL_DIR": str(tmp_path / "model")})
-    body = documented(app, app.test_client().get("/model"), "/model", "GET")
-    assert body["metrics"] == metrics
+    response = app.test_client().get("/model")
+    body = documented(app, response, "/model", "GET")
+    assert body["metrics"] == {
+        **metrics,
+        "lineage": {
+            "features_path": "features",
+            "format": "delta",
+            "delta_version": 3,
+            "parquet_version": "v7",
+        },
+    }
     assert body["metrics_error"] is None
     assert body["training_data"]["delta_version"] == 3
+    assert body["training_data"]["features_path"] == "features"
     assert body["training_data"]["finished_at"] == metrics["finished_at"]
-    assert body["resolved_dir"] == str(versions.resolve())
+    assert body["version"] == "v1"
+    health = app.test_client().get("/health")
+    for text in (response.get_data(as_text=True), health.get_data(as_text=True)):
+        for detail in (str(tmp_path), "/home/alice", "s3a://", "10.1.2.3", "spark://"):
+            assert detail not in text
     assert [stage["class"].rsplit(".", 1)[1] for stage in body["stages"]] == [
         "VectorAssembler",
         "RandomForestRegressionModel",
@@ -474,6 +503,7 @@ def test_model_without_or_with_broken_metrics_says_why(
 ) -> None:
     body = documented(app, client.get("/model"), "/model", "GET")
     assert body["metrics"] is None and "not found" in body["metrics_error"]
+    assert str(model_dir.resolve()) not in body["metrics_error"]
     shutil.copytree(model_dir, tmp_path / "model")
     (tmp_path / "model" / "metrics.json").write_text("{half")
     broken = create_app({"MODEL_DIR": str(tmp_path / "model")}).test_client().get("/model")
@@ -540,6 +570,44 @@ def test_no_json_body_yields_a_5xx(app: Flask, payload: Any) -> None:
     response = app.test_client().post("/predict", data=body, content_type="application/json")
     assert response.status_code in (200, 400), response.get_data(as_text=True)
     documented(app, response, "/predict", "POST")
+
+
+# Leaves of exactly k + 0.5: the API's rounding meets a tie on every one.
+TIES = (0.5, 1.5, 2.5, 3.5)
+
+
+def test_ties_round_to_even_alike_for_one_row_and_a_batch(
+    spark: SparkSession, tmp_path: Path
+) -> None:
+    """A real forest whose every leaf is k + 0.5 (one label per vol_moving_avg band, splits on
+    every feature allowed, so each leaf is pure): GET (Python's round) and POST (numpy's rint)
+    must both round ties to even, as the docs say. int(x + 0.5) would give 1, 2, 3, 4."""
+    rng = np.random.default_rng(8)
+    bands = np.repeat(np.arange(len(TIES)), 200)
+    vma = 1000.0 + 2000.0 * bands + rng.uniform(0, 1000, bands.size)  # gaps between the bands
+    frame = pd.DataFrame(
+        {VMA: vma, MED: rng.uniform(1, 100, bands.size), VOLUME: np.take(TIES, bands)}
+    )
+    forest = RandomForestRegressor(
+        labelCol=VOLUME, numTrees=5, maxDepth=3, featureSubsetStrategy="all", seed=3
+    )
+    assembler = VectorAssembler(inputCols=list(FEATURES), outputCol="features")
+    Pipeline(stages=[assembler, forest]).fit(spark.createDataFrame(frame)).write().save(
+        str(tmp_path / "model")
+    )
+    points = np.column_stack([1500.0 + 2000.0 * np.arange(len(TIES)), np.full(len(TIES), 50.0)])
+    assert spark_predictions(spark, tmp_path / "model", points).tolist() == list(TIES)
+
+    client = create_app({"MODEL_DIR": str(tmp_path / "model")}).test_client()
+    one_row = [
+        client.get("/predict", query_string={VMA: repr(a), MED: repr(b)}).get_json()
+        for a, b in points.tolist()
+    ]
+    batch = client.post(
+        "/predict", json={"instances": [{VMA: a, MED: b} for a, b in points.tolist()]}
+    ).get_json()
+    assert [body["predicted_volume"] for body in one_row] == [0, 2, 2, 4]
+    assert batch["predicted_volume"] == [0, 2, 2, 4]
 
 
 @settings(max_examples=200, deadline=None)

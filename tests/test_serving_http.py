@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import re
+import runpy
 import shutil
 import signal
 import subprocess
@@ -62,10 +63,11 @@ def request(url: str, data: bytes | None = None, method: str | None = None) -> t
 
 @contextmanager
 def gunicorn(
-    model_dir: Path, log: Path, workers: int = 2, pidfile: Path | None = None
+    model_dir: Path, log: Path, workers: int = 2, pidfile: Path | None = None, **settings: str
 ) -> Iterator[Server]:
     """gunicorn with the project's config on a free loopback port; stopped (SIGTERM) on exit,
-    together with any master a USR2 started (found through the pid file)."""
+    together with any master a USR2 started (found through the pid file). ``settings`` are more
+    environment variables (KEEPALIVE, REQUEST_TIMEOUT, ...)."""
     env = {
         **os.environ,
         "MODEL_DIR": str(model_dir),
@@ -73,6 +75,7 @@ def gunicorn(
         "PORT": "0",
         "WEB_CONCURRENCY": str(workers),
         "PIDFILE": str(pidfile or ""),
+        **settings,
     }
     command = [str(GUNICORN), "--config", "serving/gunicorn.conf.py", "serving.wsgi:app"]
     with log.open("wb") as sink:
@@ -206,15 +209,13 @@ def swap(link: Path, target: Path) -> None:
 
 
 def wait_for_model(server: Server, model_dir: Path, streak: int = 10) -> None:
-    """Until /health names model_dir on `streak` answers in a row (every worker has it)."""
-    expected, seen = str(model_dir.resolve()), 0
+    """Until /health names model_dir on `streak` answers in a row (every worker has it). Every
+    request must be answered: a HUP or a USR2 swap drops none (docs/serving.md)."""
+    expected, seen = model_dir.resolve().name, 0
     deadline = time.monotonic() + START_TIMEOUT
     while seen < streak:
         assert time.monotonic() < deadline, server.log.read_text()
-        try:
-            seen = seen + 1 if server.get("/health")[1].get("resolved_dir") == expected else 0
-        except (urllib.error.URLError, ConnectionError):
-            seen = 0  # HUP may drop a connection (gunicorn issue 3394); USR2 is checked strictly
+        seen = seen + 1 if server.get("/health")[1].get("version") == expected else 0
         time.sleep(0.05)
 
 
@@ -306,11 +307,19 @@ def test_gunicorn_refuses_to_start_on_an_invalid_model(
     assert "GBTRegressionModel" in output
 
 
-def test_gunicorn_without_a_model_answers_503(tmp_path: Path) -> None:
-    with gunicorn(tmp_path / "absent", tmp_path / "gunicorn.log", workers=1) as server:
+def test_gunicorn_without_a_model_answers_503_until_a_hup_once_there_is_one(
+    model_dirs: dict[int, Path], probes: np.ndarray, spark_says: dict, tmp_path: Path
+) -> None:
+    link = tmp_path / "model"
+    with gunicorn(link, tmp_path / "gunicorn.log", workers=1) as server:
         status, body = server.get("/health")
         assert (status, body["status"]) == (503, "unavailable")
         assert server.get(f"/predict?{VMA}=1&{MED}=1")[0] == 503
+        swap(link, model_dirs[2])  # the first training publishes its model
+        assert server.get("/health")[0] == 503  # read once: nothing changes without a reload
+        server.process.send_signal(signal.SIGHUP)
+        wait_for_model(server, model_dirs[2])
+        assert predict_all(server, probes) == spark_says[2]
 
 
 # Stands in for the image's site-packages: flask, gunicorn, numpy, pyarrow and nothing else.
@@ -391,3 +400,38 @@ def test_make_serve_runs_gunicorn_on_port_8000() -> None:
     assert "MODEL_DIR=${MODEL_DIR:-data/model}" in result.stdout
     conf = (ROOT / "serving" / "gunicorn.conf.py").read_text()
     assert "os.environ.get('PORT', '8000')" in conf
+
+
+def gunicorn_settings(**env: str) -> dict[str, Any]:
+    """serving/gunicorn.conf.py evaluated in a fresh process with this environment."""
+    script = "import json, runpy; conf = runpy.run_path('serving/gunicorn.conf.py'); "
+    script += "print(json.dumps({k: v for k, v in conf.items() if k in ('workers', 'bind')}))"
+    environment = {k: v for k, v in os.environ.items() if k != "WEB_CONCURRENCY"}
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env={**environment, **env},
+        # Pinned to one CPU, as `docker run --cpuset-cpus 0` pins the container.
+        preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(result.stdout)
+
+
+def test_workers_follow_the_cpus_the_container_may_use_not_the_hosts(tmp_path: Path) -> None:
+    assert gunicorn_settings()["workers"] == 1  # os.cpu_count() would count the host's CPUs
+    assert gunicorn_settings(WEB_CONCURRENCY="3")["workers"] == 3
+    cpu_limit = runpy.run_path(str(ROOT / "serving" / "gunicorn.conf.py"))["cpu_limit"]
+    cpus = len(os.sched_getaffinity(0))
+    for cpu_max, expected in (
+        ("max 100000\n", cpus),  # no quota: the affinity mask
+        ("50000 100000\n", 1),  # half a CPU: one worker, never zero
+        ("150000 100000\n", min(cpus, 2)),  # 1.5 CPUs: two, if the mask allows
+        ("6400000 100000\n", cpus),  # a quota above the mask: the mask
+    ):
+        (tmp_path / "cpu.max").write_text(cpu_max)
+        assert cpu_limit(tmp_path) == expected, cpu_max
+    (tmp_path / "cpu.max").unlink()
+    assert cpu_limit(tmp_path) == cpus  # cgroup v1 or no cgroup: the affinity mask
