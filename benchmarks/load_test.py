@@ -104,7 +104,7 @@ def tiny_model(model_dir: Path) -> None:
 
     from stockvol.config import ModelParams, load_config
     from stockvol.spark import build_session
-    from stockvol.train import build_pipeline, export_model
+    from stockvol.train import export_model, fit_pipeline
 
     print(f"no model at {model_dir}: fitting a small one with Spark (20 trees, depth 5)")
     spark = build_session(load_config(), "load-test-model", master="local[2]")
@@ -115,7 +115,7 @@ def tiny_model(model_dir: Path) -> None:
             {FEATURES[0]: vma, FEATURES[1]: med, "Volume": vma * rng.lognormal(0, 0.3, 2000)}
         )
         params = ModelParams(num_trees=20, max_depth=5, seed=1)
-        model = build_pipeline(params).fit(spark.createDataFrame(frame))
+        model = fit_pipeline(spark.createDataFrame(frame), params)
         export_model(model, {"note": "load-test model"}, b"", model_dir)
     finally:
         spark.stop()

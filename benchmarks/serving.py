@@ -448,7 +448,7 @@ def ensure_model(model_dir: Path, train: bool) -> None:
 
     from stockvol.config import ModelParams, load_config
     from stockvol.spark import build_session
-    from stockvol.train import build_pipeline, export_model
+    from stockvol.train import export_model, fit_pipeline
 
     print(f"no model at {model_dir}: fitting 100 trees of depth 5 on 20,000 sample rows")
     spark = build_session(load_config(), "bench-serving-model", master="local[2]")
@@ -456,8 +456,8 @@ def ensure_model(model_dir: Path, train: bool) -> None:
         x = sample_inputs(20_000, seed=4)
         volume = x[:, 0] * np.random.default_rng(5).lognormal(0.0, 0.3, len(x))
         frame = pd.DataFrame({VMA: x[:, 0], MED: x[:, 1], "Volume": volume})
-        model = build_pipeline(ModelParams(num_trees=100, max_depth=5, seed=42)).fit(
-            spark.createDataFrame(frame)
+        model = fit_pipeline(
+            spark.createDataFrame(frame), ModelParams(num_trees=100, max_depth=5, seed=42)
         )
         export_model(model, {"note": "benchmark model on generated rows"}, b"", model_dir)
     finally:

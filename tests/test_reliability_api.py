@@ -42,7 +42,7 @@ from werkzeug.serving import make_server
 from serving.app import DEFAULTS, create_app
 from serving.forest import FEATURES
 from stockvol.config import ModelParams
-from stockvol.train import build_pipeline, export_model
+from stockvol.train import export_model, fit_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 GUNICORN = Path(sys.executable).parent / "gunicorn"
@@ -95,7 +95,7 @@ def models(spark: SparkSession, probes: np.ndarray) -> dict[str, Model]:
     result = {}
     for name, seed, trees in (("old", 1, 6), ("new", 2, 11)):
         params = ModelParams(num_trees=trees, max_depth=5, seed=seed)
-        fitted = build_pipeline(params).fit(spark.createDataFrame(training_frame(seed)))
+        fitted = fit_pipeline(spark.createDataFrame(training_frame(seed)), params)
         result[name] = Model(fitted, spark_predict(spark, fitted, probes))
     return result
 

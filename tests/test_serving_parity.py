@@ -22,7 +22,6 @@ from pyspark.ml import Pipeline, PipelineModel
 from pyspark.ml.feature import VectorAssembler
 from pyspark.ml.regression import DecisionTreeRegressor, RandomForestRegressor
 from pyspark.sql import SparkSession
-from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, LongType, StructField, StructType
 
 import serving.forest
@@ -374,14 +373,9 @@ TARGETS = ("log_ratio", "ratio", "volume")
 
 
 def fit_target_pipeline(spark: SparkSession, path: Path, target: str) -> Path:
-    """The train job's own pipeline (stockvol.train.build_pipeline) fitted on training_rows()."""
+    """The train job's own pipeline (stockvol.train.fit_pipeline) fitted on training_rows()."""
     params = replace(load_config().model, target=target, num_trees=30, max_depth=5)
-    frame = spark.createDataFrame(training_rows()).withColumn(
-        train.TARGET, F.expr(train.TARGET_SQL[target])
-    )
-    train.build_pipeline(params).fit(frame.where(F.col(train.TARGET).isNotNull())).write().save(
-        str(path)
-    )
+    train.fit_pipeline(spark.createDataFrame(training_rows()), params).write().save(str(path))
     return path
 
 

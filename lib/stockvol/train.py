@@ -412,6 +412,18 @@ def effective_sample_fraction(params: ModelParams, train_rows: int) -> float:
     return fraction
 
 
+def with_target(rows: DataFrame, target: str) -> DataFrame:
+    """``rows`` (Volume and both features) with the forest's label in ``target`` form, keeping
+    only the rows where it is defined (``TARGET_SQL``)."""
+    return rows.withColumn(TARGET, F.expr(TARGET_SQL[target])).where(F.col(TARGET).isNotNull())
+
+
+def fit_pipeline(rows: DataFrame, params: ModelParams) -> PipelineModel:
+    """``build_pipeline`` fitted on ``rows`` as they are (tests, benchmarks; the job uses
+    ``fit_frame`` for a layout-independent, cached input)."""
+    return build_pipeline(params).fit(with_target(rows, params.target))
+
+
 def fit_frame(train_rows: DataFrame, params: ModelParams) -> DataFrame:
     """What the pipeline fits on, cached, in a layout that depends on the rows alone.
 
@@ -422,8 +434,7 @@ def fit_frame(train_rows: DataFrame, params: ModelParams) -> DataFrame:
     reads its input several times.
     """
     return (
-        train_rows.withColumn(TARGET, F.expr(TARGET_SQL[params.target]))
-        .where(F.col(TARGET).isNotNull())
+        with_target(train_rows, params.target)
         .repartition(params.fit_partitions, SYMBOL)
         .sortWithinPartitions(SYMBOL, DATE)
         .select(*FEATURE_COLUMNS, TARGET, LABEL)
