@@ -227,17 +227,20 @@ class VolumeStage:
     def cell_values(self, forest_output: np.ndarray) -> np.ndarray:
         return strict_exp(forest_output) if self.target == "log_ratio" else forest_output
 
+    def _unclipped(self, vol_moving_avg: Any, cell: Any) -> Any:
+        """The statement's arithmetic, for numpy arrays or Python floats alike (IEEE doubles)."""
+        if self.target == "log_ratio":
+            return (vol_moving_avg + 1.0) * cell - 1.0
+        if self.target == "ratio":
+            return vol_moving_avg * cell
+        return cell
+
     def apply(self, vol_moving_avg: np.ndarray, cell: np.ndarray) -> np.ndarray:
         """The statement's value, as Spark evaluates it (the same operations, in the same order)."""
         if self.target is None:
             return cell
         with np.errstate(over="ignore", invalid="ignore"):  # inf, as in Spark; clipped below
-            if self.target == "log_ratio":
-                volume = (vol_moving_avg + 1.0) * cell - 1.0
-            elif self.target == "ratio":
-                volume = vol_moving_avg * cell
-            else:
-                volume = cell
+            volume = self._unclipped(vol_moving_avg, cell)
         # least(2^53, v) keeps v only below 2^53 (Spark orders NaN above everything), then
         # greatest(0.0, v) keeps v only above 0 (so -0.0 becomes 0.0, as in Spark).
         volume = np.where(volume < MAX_PREDICTED_VOLUME, volume, MAX_PREDICTED_VOLUME)
@@ -245,15 +248,9 @@ class VolumeStage:
 
     def apply_one(self, vol_moving_avg: float, cell: float) -> float:
         """``apply`` for one row with Python floats (the same IEEE double operations)."""
-        vol_moving_avg, cell = float(vol_moving_avg), float(cell)
         if self.target is None:
-            return cell
-        if self.target == "log_ratio":
-            volume = (vol_moving_avg + 1.0) * cell - 1.0
-        elif self.target == "ratio":
-            volume = vol_moving_avg * cell
-        else:
-            volume = cell
+            return float(cell)
+        volume = self._unclipped(float(vol_moving_avg), float(cell))
         volume = volume if volume < MAX_PREDICTED_VOLUME else MAX_PREDICTED_VOLUME
         return volume if volume > 0.0 else 0.0
 
