@@ -350,12 +350,6 @@ class TrainResult:
     durations: dict[str, float] = field(default_factory=dict)
 
 
-def check_params(params: ModelParams) -> ModelParams:
-    """Raise ConfigError naming the first invalid model setting (``config.validate_model``, which
-    every job also runs before Spark starts), for callers that build ModelParams themselves."""
-    return validate_model(params)
-
-
 def _profile(features: DataFrame, params: ModelParams) -> pd.DataFrame:
     """Rows, usable rows and (for the random split) usable test rows per date: one pass."""
     usable = F.expr(usable_predicate())
@@ -505,7 +499,7 @@ def tune(
 
 def train(features: DataFrame, params: ModelParams) -> TrainResult:
     """Split, sample, optionally tune, fit, and evaluate on the whole test set and the baseline."""
-    check_params(params)
+    validate_model(params)  # jobs ran it before Spark started; callers may build params directly
     durations: dict[str, float] = {}
     clock = time.perf_counter()
 
