@@ -71,6 +71,10 @@ class Config:
     median: str = "approx"
     model: ModelParams = field(default_factory=ModelParams)
 
+    def __post_init__(self) -> None:
+        # A Config built or replaced with a plain path (tests, scripts) gets the same Location.
+        object.__setattr__(self, "data_dir", _data_dir(self.data_dir))
+
     @property
     def raw_dir(self) -> Location:
         return self.data_dir / "raw"
