@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from stockvol.location import Location, current_version, publish_version, versio
 from stockvol.schema import PRICES_SCHEMA
 from stockvol.storage import write_table
 
+RETENTION = "delta.deletedFileRetentionDuration"
 NOW = datetime(2026, 6, 1, 12, 0, 0, tzinfo=timezone.utc)
 
 
@@ -70,19 +72,27 @@ def test_vacuum_at_zero_hours_keeps_exactly_the_current_files_and_rows(
     pd.testing.assert_frame_equal(got, expected, check_dtype=False)
 
 
-def test_vacuum_at_the_default_168_hours_deletes_nothing_and_leaves_the_check_on(
+def test_vacuum_honours_hours_other_than_zero_through_the_table_property(
     spark: SparkSession, tmp_path: Path
 ) -> None:
+    """Delta 4.4 ignores VACUUM's own hours unless 0: the table property must carry them. Files
+    removed about 2 s ago stay at 168 h and at 1 h, and go at 1 s."""
     table = tmp_path / "prices"
     overwritten_three_times(spark, table)
     before = data_files(table)
-    check = "spark.databricks.delta.retentionDurationCheck.enabled"
+    time.sleep(2)
 
-    removed = retention.vacuum_delta(spark, Location.parse(table), 168)
-    retention.vacuum_delta(spark, Location.parse(table), 1)  # turns the check off, then back
+    kept_168 = retention.vacuum_delta(spark, Location.parse(table), 168)
+    kept_1h = retention.vacuum_delta(spark, Location.parse(table), 1)
+    assert (kept_168.entries, kept_1h.entries, data_files(table)) == (0, 0, before)
+    gone = retention.vacuum_delta(spark, Location.parse(table), 1 / 3600)
 
-    assert (removed.entries, data_files(table)) == (0, before)
-    assert spark.conf.get(check, "true") == "true"
+    assert gone.entries == len(before) - len(
+        spark.read.format("delta").load(str(table)).inputFiles()
+    )
+    assert gone.entries > 0
+    properties = spark.sql(f"SHOW TBLPROPERTIES delta.`{table}`").collect()
+    assert {"key": RETENTION, "value": "interval 1 seconds"} in [p.asDict() for p in properties]
 
 
 # --- version directories (Parquet tables, the model) ---------------------------------------------
