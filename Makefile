@@ -12,7 +12,7 @@ export PYSPARK_DRIVER_PYTHON := $(PY)
 SPARK_SUBMIT := SPARK_CONF_DIR=$(CURDIR) $(VENV)/bin/spark-submit --load-spark-defaults \
 	--properties-file conf/spark-local.conf
 
-.PHONY: setup run download pipeline ingest features train serve test lint format clean
+.PHONY: setup run download pipeline ingest features train retention serve test lint format clean
 .PHONY: test-cluster cluster-up cluster-down cluster-pipeline bench bench-sweep bench-serving
 .PHONY: test-load test-all test-known-bugs
 
@@ -33,7 +33,8 @@ download: setup
 pipeline: setup
 	$(SPARK_SUBMIT) jobs/pipeline.py --data-dir $(DATA)
 
-ingest features train: setup
+# retention: delete replaced files older than storage.retention_hours (the jobs do it after a run).
+ingest features train retention: setup
 	$(SPARK_SUBMIT) jobs/$@.py --data-dir $(DATA)
 
 # The README's test command. The standalone-cluster test starts a master, a worker and a driver of
