@@ -63,6 +63,12 @@ def spark_submit_conf() -> list[str]:
     return [arg for key, value in SPARK_TEST_CONF.items() for arg in ("--conf", f"{key}={value}")]
 
 
+def pyspark_submit_args() -> str:
+    """``PYSPARK_SUBMIT_ARGS`` for a plain-Python subprocess (``python jobs/x.py``), whose
+    ``build_session`` starts the JVM itself: the same settings as ``spark_submit_conf``."""
+    return " ".join([*spark_submit_conf(), "pyspark-shell"])
+
+
 class S3Server:
     """s3proxy on ``127.0.0.1:port``: ``start``, ``create_bucket``, ``stop``.
 

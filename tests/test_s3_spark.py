@@ -104,8 +104,9 @@ def test_a_column_mapped_delta_table_round_trips_on_s3(spark: SparkSession, s3_b
     assert_df_equality(
         spark.read.format("delta").load(path), expected.limit(1), ignore_row_order=True
     )
-    history = spark.sql(f"DESCRIBE HISTORY delta.`{path}`").collect()
-    assert len(history) == 2
+    assert len(spark.sql(f"DESCRIBE HISTORY delta.`{path}`").collect()) == 2
+    detail = spark.sql(f"DESCRIBE DETAIL delta.`{path}`").first()
+    assert detail is not None and detail["properties"]["delta.columnMapping.mode"] == "name"
 
 
 def test_spark_submit_conf_wins_over_the_environment(
