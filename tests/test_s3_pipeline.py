@@ -53,9 +53,9 @@ def metrics(config: Config) -> dict:
 
 def predictions(spark: SparkSession, config: Config) -> list[float]:
     model = PipelineModel.load(str(resolve(config.model_dir)))
-    probe = read_table(spark, config.features_path, config.storage_format).dropna().limit(500)
-    ordered = probe.orderBy("Symbol", "Date")
-    return [row.prediction for row in model.transform(ordered).select("prediction").collect()]
+    features = read_table(spark, config.features_path, config.storage_format).dropna()
+    probe = features.orderBy("Symbol", "Date").limit(500)
+    return [row.prediction for row in model.transform(probe).select("prediction").collect()]
 
 
 @pytest.mark.parametrize("storage_format", ["delta", "parquet"])
