@@ -81,9 +81,10 @@ def s3_server(
 
 
 @pytest.fixture
-def s3_bucket(s3_server: S3Server) -> str:
+def s3_bucket(s3_server: S3Server) -> Iterator[str]:
     """A new empty bucket on the test S3 server, as ``s3a://NAME`` (read it with pyarrow as
-    ``s3://NAME``)."""
+    ``s3://NAME``), deleted after the test: the server holds objects in memory."""
     name = f"test-{uuid.uuid4().hex[:12]}"
     s3_server.create_bucket(name)
-    return f"s3a://{name}"
+    yield f"s3a://{name}"
+    s3_server.delete_bucket(name)

@@ -1,7 +1,7 @@
 """A real S3-compatible server for the tests: s3proxy (Maven Central) on a 127.0.0.1 port.
 
 ``make s3proxy`` resolves its classpath once into ``.s3proxy/classpath.txt``; this module only
-starts the JVM with it, storing objects as files under a test's tmp dir, and stops it again.
+starts the JVM with it, objects held in memory, and stops it again.
 """
 
 from __future__ import annotations
@@ -69,17 +69,29 @@ def pyspark_submit_args() -> str:
     return " ".join([*spark_submit_conf(), "pyspark-shell"])
 
 
+LOGBACK_XML = """<configuration>
+  <appender name="out" class="ch.qos.logback.core.ConsoleAppender">
+    <encoder><pattern>%d{HH:mm:ss.SSS} %-5level %logger{36} - %msg%n</pattern></encoder>
+  </appender>
+  <logger name="org.gaul.s3proxy" level="INFO"/>
+  <root level="WARN"><appender-ref ref="out"/></root>
+</configuration>
+"""
+
+
 class S3Server:
     """s3proxy on ``127.0.0.1:port``: ``start``, ``create_bucket``, ``stop``.
 
-    Objects are files under ``workdir/blobs`` (jclouds' ``filesystem`` provider) rather than in
-    the server's heap, so a full-size lake fits as well as a test's few rows.
+    Objects live in the server's heap (jclouds' ``transient`` provider): the ``filesystem``
+    provider answered some DELETEs only after about 10 s, so every Parquet write took 11 s
+    instead of 1 s here. ``heap`` bounds what it holds; a full-size lake needs several GB.
     """
 
-    def __init__(self, port: int, workdir: Path) -> None:
+    def __init__(self, port: int, workdir: Path, heap: str = "2g") -> None:
         self.port = port
         self.endpoint = f"http://127.0.0.1:{port}"
         self.workdir = workdir
+        self.heap = heap
         self.log = workdir / "s3proxy.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -87,23 +99,27 @@ class S3Server:
         """Start the JVM in its own process group and wait until it answers HTTP."""
         if not CLASSPATH_FILE.exists():
             raise S3ServerError(f"{CLASSPATH_FILE} is missing: run `make s3proxy` first")
-        (self.workdir / "blobs").mkdir(parents=True, exist_ok=True)
+        self.workdir.mkdir(parents=True, exist_ok=True)
         properties = self.workdir / "s3proxy.properties"
         properties.write_text(
             f"s3proxy.endpoint={self.endpoint}\n"
             "s3proxy.authorization=aws-v2-or-v4\n"
             f"s3proxy.identity={ACCESS_KEY}\n"
             f"s3proxy.credential={SECRET_KEY}\n"
-            "jclouds.provider=filesystem\n"
-            f"jclouds.filesystem.basedir={self.workdir / 'blobs'}\n"
+            "jclouds.provider=transient\n"
             f"jclouds.identity={ACCESS_KEY}\n"
             f"jclouds.credential={SECRET_KEY}\n"
         )
+        # Without a configuration logback logs everything at DEBUG: tens of MB and much of the
+        # server's CPU for a few requests.
+        logback = self.workdir / "logback.xml"
+        logback.write_text(LOGBACK_XML)
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(
                 [
                     "java",
-                    "-Xmx1g",
+                    f"-Xmx{self.heap}",
+                    f"-Dlogback.configurationFile={logback}",
                     "-cp",
                     CLASSPATH_FILE.read_text().strip(),
                     "org.gaul.s3proxy.Main",
@@ -146,6 +162,10 @@ class S3Server:
     def create_bucket(self, name: str) -> None:
         """Create an empty bucket ``name``."""
         self.filesystem().create_dir(name)
+
+    def delete_bucket(self, name: str) -> None:
+        """Delete bucket ``name`` and everything in it (it frees the server's memory)."""
+        self.filesystem().delete_dir(name)
 
     def stop(self) -> None:
         """Stop the JVM (its whole process group) and check that it is gone."""
