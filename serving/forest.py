@@ -2,7 +2,9 @@
 SQLTransformer), no JVM.
 
 Spark writes the pipeline as JSON metadata plus Parquet tree data. This module reads them with
-pyarrow, refuses any directory it does not understand, and predicts exactly as Spark 4.2 does:
+pyarrow, through a pyarrow ``FileSystem`` (local disk, or S3 for ``s3://``/``s3a://`` URIs, where
+a pointer object names the current version: ``open_location``, ``resolve_model_dir``), refuses
+any directory it does not understand, and predicts exactly as Spark 4.2 does:
 
 * a continuous split sends a row left when ``value <= threshold`` (``ContinuousSplit``);
 * the forest predicts ``(p_0 + p_1 + ... + p_{n-1}) / numTrees``, summed left to right in tree
