@@ -136,11 +136,11 @@ def run_pandas(args: argparse.Namespace, monitor: TreeMonitor) -> dict[str, Any]
     from baselines import pandas_joblib
 
     config = load_config(args.config, data_dir=args.data_dir)
-    out = config.data_dir / "reference"
+    out = Path(config.data_dir) / "reference"  # the pandas reference runs on local disk only
     step = measure(
         monitor,
         "pandas + joblib",
-        lambda: pandas_joblib.run(config.raw_dir, out, config.window, args.jobs),
+        lambda: pandas_joblib.run(Path(config.raw_dir), out, config.window, args.jobs),
     )
     return {"steps": [step], "output": str(out)}
 

@@ -67,6 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AcquireError as err:
         log.error("%s", err)
         return 1
+    except OSError as err:  # the data dir's storage refused (a bucket missing, access denied)
+        log.error("cannot write %s: %s", config.raw_dir, one_line(err))
+        return 1
     log.info(summary.line())
     return 0
 

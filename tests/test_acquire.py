@@ -34,6 +34,7 @@ from stockvol.acquire import (
     find_kaggle_credentials,
 )
 from stockvol.config import Config, load_config
+from stockvol.location import Location
 from tests.real_files import REAL_DIR, quirk_sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,8 +44,9 @@ USER, KEY = "alice", "k3y-that-must-never-be-printed"
 DOWNLOAD_PATH = "/api/v1/datasets.DatasetApiService/DownloadDataset"
 
 
-def layout_files(root: Path) -> dict[str, bytes]:
+def layout_files(root: Path | Location) -> dict[str, bytes]:
     """The dataset's files under root (stocks/, etfs/, meta), relative path -> bytes."""
+    root = Path(root)
     files = [*root.glob("stocks/*.csv"), *root.glob("etfs/*.csv"), root / "symbols_valid_meta.csv"]
     return {str(p.relative_to(root)): p.read_bytes() for p in files if p.is_file()}
 
@@ -58,8 +60,9 @@ def zip_layout(source: Path, prefix: str = "") -> bytes:
     return buffer.getvalue()
 
 
-def leftovers(data_dir: Path) -> list[str]:
+def leftovers(data_dir: Path | Location) -> list[str]:
     """Staging or set-aside directories that a failed run must not leave behind."""
+    data_dir = Path(data_dir)
     return sorted(p.name for p in data_dir.glob(".raw*")) if data_dir.exists() else []
 
 
@@ -201,7 +204,7 @@ def no_credentials(monkeypatch: pytest.MonkeyPatch, home: Path) -> dict[str, str
 
 
 def sample_config(config: Config, symbols: int = 4) -> Config:
-    return load_config(data_dir=config.data_dir, sample_symbols=symbols, sample_seed=11)
+    return load_config(data_dir=Path(config.data_dir), sample_symbols=symbols, sample_seed=11)
 
 
 # ---- Kaggle, through the official client -----------------------------------------------------
@@ -368,7 +371,7 @@ def test_auto_without_credentials_copies_the_real_files_and_says_so(
     assert summary.details["source"] == "real"
     # Byte for byte the files the package ships, and nothing else (SOURCES.md stays behind).
     assert layout_files(config.raw_dir) == layout_files(REAL_DIR)
-    assert not (config.raw_dir / "SOURCES.md").exists()
+    assert not (Path(config.raw_dir) / "SOURCES.md").exists()
     assert summary.details["files"] == 52  # CSV files
     assert summary.rows_out == 304_714  # data rows, as SOURCES.md counts them
     assert leftovers(config.data_dir) == []
@@ -412,7 +415,7 @@ def test_archive_wrapped_in_one_folder(tmp_path: Path, config: Config) -> None:
 def test_folder_source_copies_only_the_dataset(config: Config) -> None:
     acquire(config, source=str(REAL))
     assert layout_files(config.raw_dir) == layout_files(REAL)
-    assert not (config.raw_dir / "SOURCES.md").exists()
+    assert not (Path(config.raw_dir) / "SOURCES.md").exists()
     assert layout_files(REAL)  # the source is left as it was
 
 
@@ -457,14 +460,14 @@ def test_bad_archive_is_a_clear_error_and_loses_nothing(
 def test_missing_folder_is_a_clear_error(tmp_path: Path, config: Config) -> None:
     with pytest.raises(AcquireError, match="no such file or folder"):
         acquire(config, source=str(tmp_path / "nowhere"))
-    assert not config.raw_dir.exists()
+    assert not Path(config.raw_dir).exists()
 
 
 def test_folder_without_the_layout_is_a_clear_error(tmp_path: Path, config: Config) -> None:
     (tmp_path / "wrong" / "stocks").mkdir(parents=True)
     with pytest.raises(AcquireError, match="does not contain symbols_valid_meta.csv"):
         acquire(config, source=str(tmp_path / "wrong"))
-    assert not config.raw_dir.exists() and leftovers(config.data_dir) == []
+    assert not Path(config.raw_dir).exists() and leftovers(config.data_dir) == []
 
 
 def test_force_replaces_and_skip_keeps(config: Config, caplog: pytest.LogCaptureFixture) -> None:
@@ -475,21 +478,21 @@ def test_force_replaces_and_skip_keeps(config: Config, caplog: pytest.LogCapture
     assert skipped.details["skipped"] is True and "skipping" in caplog.text
     assert layout_files(config.raw_dir) == first
     acquire(sample_config(config, symbols=6), source="sample", force=True)
-    assert len((config.raw_dir / "symbols_valid_meta.csv").read_text().splitlines()) == 7
+    assert len((Path(config.raw_dir) / "symbols_valid_meta.csv").read_text().splitlines()) == 7
     assert leftovers(config.data_dir) == []
 
 
 def test_an_unrecognised_raw_dir_is_not_replaced_without_force(config: Config) -> None:
-    config.raw_dir.mkdir(parents=True)
-    (config.raw_dir / "notes.txt").write_text("mine")
+    Path(config.raw_dir).mkdir(parents=True)
+    (Path(config.raw_dir) / "notes.txt").write_text("mine")
     with pytest.raises(AcquireError, match="--force"):
         acquire(sample_config(config), source="sample")
-    assert (config.raw_dir / "notes.txt").read_text() == "mine"
+    assert (Path(config.raw_dir) / "notes.txt").read_text() == "mine"
 
 
 def test_leftovers_of_a_killed_run_are_removed(config: Config) -> None:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], stdout=-1)
-    stale = config.data_dir / f".raw.partial-{int(dead.stdout)}-1"
+    stale = Path(config.data_dir) / f".raw.partial-{int(dead.stdout)}-1"
     (stale / "stocks").mkdir(parents=True)
     acquire(sample_config(config), source="sample")
     assert not stale.exists()

@@ -7,6 +7,7 @@ import shutil
 import sys
 from collections.abc import Iterator
 from datetime import date, timedelta
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -233,9 +234,9 @@ def test_run_uses_window_from_config_over_rows_not_days(
     spark: SparkSession, config: Config
 ) -> None:
     config = with_window(config, 3)
-    write_table(hand_prices(spark), config.prices_path, "delta")
+    write_table(hand_prices(spark), Path(config.prices_path), "delta")
     summary = run(spark, config)
-    got = read_table(spark, config.features_path, "delta")
+    got = read_table(spark, Path(config.features_path), "delta")
     assert_df_equality(got, hand_expected(spark, HAND_WINDOW_3), ignore_row_order=True,
                        ignore_nullable=True)  # fmt: skip
     assert (summary.rows_in, summary.rows_out) == (9, 9)
@@ -285,11 +286,11 @@ def test_generated_data_equals_oracle_from_files_and_shuffled(
     second = shuffled(pd.concat([clustered[clustered[SYMBOL] > "C"], spread[half:]]), seed=7)
     config = with_window(config, 30, median, fmt)
     rows = prices_frame(spark, first, 1).union(prices_frame(spark, second, 1))
-    write_table(rows, config.prices_path, fmt)
+    write_table(rows, Path(config.prices_path), fmt)
     summary = run(spark, config)
     assert (summary.details["files"], summary.details["symbols_shuffled"]) == (2, 1)
     assert summary.details["split_symbols_found_by"] == "reading Symbol"
-    assert_matches_oracle(read_table(spark, config.features_path, fmt), prices, 30, median)
+    assert_matches_oracle(read_table(spark, Path(config.features_path), fmt), prices, 30, median)
 
 
 @pytest.mark.parametrize(
@@ -306,11 +307,13 @@ def test_files_whose_symbol_ranges_overlap_are_read_to_find_split_symbols(
     in_first = prices[SYMBOL].isin(list(first_symbols))
     config = with_window(config, 30, "approx", "parquet")
     rows = prices_frame(spark, prices[in_first], 1).union(prices_frame(spark, prices[~in_first], 1))
-    write_table(rows, config.prices_path, "parquet")
+    write_table(rows, Path(config.prices_path), "parquet")
     summary = run(spark, config)
     assert summary.details["split_symbols_found_by"] == found_by
     assert (summary.details["files"], summary.details["symbols_shuffled"]) == (2, 0)
-    assert_matches_oracle(read_table(spark, config.features_path, "parquet"), prices, 30, "approx")
+    assert_matches_oracle(
+        read_table(spark, Path(config.features_path), "parquet"), prices, 30, "approx"
+    )
 
 
 def test_a_symbol_split_across_two_files_touching_ranges_is_shuffled(
@@ -324,13 +327,15 @@ def test_a_symbol_split_across_two_files_touching_ranges_is_shuffled(
     key = "spark.sql.files.maxRecordsPerFile"
     spark.conf.set(key, "100")  # 240 rows in order: A B C[:20] | C[20:] D E | F
     try:
-        write_table(prices_frame(spark, prices, 1), config.prices_path, "parquet")
+        write_table(prices_frame(spark, prices, 1), Path(config.prices_path), "parquet")
     finally:
         spark.conf.unset(key)
     summary = run(spark, config)
     assert summary.details["split_symbols_found_by"] == "reading Symbol"
     assert (summary.details["files"], summary.details["symbols_shuffled"]) == (3, 1)
-    assert_matches_oracle(read_table(spark, config.features_path, "parquet"), prices, 30, "approx")
+    assert_matches_oracle(
+        read_table(spark, Path(config.features_path), "parquet"), prices, 30, "approx"
+    )
 
 
 def test_the_dataframe_function_equals_oracle(spark: SparkSession, small_batches: None) -> None:
@@ -345,7 +350,7 @@ def test_real_sample_through_ingest_equals_oracle_in_both_modes(
 ) -> None:
     """The real Kaggle files through ingest (which rejects the Date-only rows of HBAN and KO, so
     they are in no window) and features; pandas reads the same files for the oracle."""
-    shutil.copytree(FIXTURES, config.raw_dir)
+    shutil.copytree(FIXTURES, Path(config.raw_dir))
     ingest.run(spark, config)
     prices = real_sample_prices()
     for median in MEDIAN_MODES:
@@ -415,18 +420,18 @@ def test_bad_prices_fail_clearly_and_keep_the_previous_features(
 ) -> None:
     config = with_window(config, 30, fmt="parquet")
     prices = generated_prices({"AAA": 60}, seed=2)
-    write_table(prices_frame(spark, prices), config.prices_path, "parquet")
+    write_table(prices_frame(spark, prices), Path(config.prices_path), "parquet")
     run(spark, config)
     for message, change in BAD_PRICES.items():
         rows = [
             (*r[:-1], None if pd.isna(r[-1]) else int(r[-1]))
             for r in change(prices)[PRICE_NAMES].itertuples(index=False)
         ]
-        write_table(spark.createDataFrame(rows, PRICES_SCHEMA), config.prices_path, "parquet")
+        write_table(spark.createDataFrame(rows, PRICES_SCHEMA), Path(config.prices_path), "parquet")
         with pytest.raises(FeaturesInputError, match=message):
             run(spark, config)
         assert_matches_oracle(
-            read_table(spark, config.features_path, "parquet"), prices, 30, "approx"
+            read_table(spark, Path(config.features_path), "parquet"), prices, 30, "approx"
         )
 
 
@@ -449,7 +454,7 @@ def test_a_row_lost_by_a_task_is_a_conservation_error(
     the previous features table stays."""
     config = with_window(config, 30, fmt="parquet")
     prices = generated_prices(dict.fromkeys("ABC", 40), seed=3)
-    write_table(prices_frame(spark, prices, 3), config.prices_path, "parquet")
+    write_table(prices_frame(spark, prices, 3), Path(config.prices_path), "parquet")
     run(spark, config)
     module = sys.modules[__name__]
     cloudpickle.register_pickle_by_value(module)  # the executors cannot import this module
@@ -459,7 +464,9 @@ def test_a_row_lost_by_a_task_is_a_conservation_error(
             run(spark, config)
     finally:
         cloudpickle.unregister_pickle_by_value(module)
-    assert_matches_oracle(read_table(spark, config.features_path, "parquet"), prices, 30, "approx")
+    assert_matches_oracle(
+        read_table(spark, Path(config.features_path), "parquet"), prices, 30, "approx"
+    )
 
 
 def test_missing_prices_table_names_the_job_to_run(spark: SparkSession, config: Config) -> None:
@@ -470,9 +477,9 @@ def test_missing_prices_table_names_the_job_to_run(spark: SparkSession, config: 
 def test_parquet_output_has_the_features_schema(spark: SparkSession, config: Config) -> None:
     config = with_window(config, 30, median="exact", fmt="parquet")
     prices = generated_prices({"AAA": 40, "BBB": 35}, seed=8)
-    write_table(prices_frame(spark, prices), config.prices_path, "parquet")
+    write_table(prices_frame(spark, prices), Path(config.prices_path), "parquet")
     run(spark, config)
-    got = read_table(spark, config.features_path, "parquet")
+    got = read_table(spark, Path(config.features_path), "parquet")
     assert got.columns == FEATURE_NAMES
     assert [f.dataType for f in got.schema] == [f.dataType for f in FEATURES_SCHEMA]
     assert_matches_oracle(got, prices, 30, "exact")

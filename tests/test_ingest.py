@@ -78,7 +78,7 @@ def ingested(spark: SparkSession, tmp_path_factory: pytest.TempPathFactory) -> d
     for storage_format in ("delta", "parquet"):
         config = apply_overrides(Config(data_dir=root), storage_format=storage_format)
         config = apply_overrides(config, data_dir=root / storage_format)
-        shutil.copytree(raw, config.raw_dir)
+        shutil.copytree(raw, Path(config.raw_dir))
         summary = run(spark, config)
         results[storage_format] = (config, summary)
     return results
@@ -99,7 +99,7 @@ def test_prices_has_the_contract_columns_and_types(
     spark: SparkSession, ingested: dict, storage_format: str
 ) -> None:
     config, _ = ingested[storage_format]
-    prices = read_table(spark, config.prices_path, storage_format)
+    prices = read_table(spark, Path(config.prices_path), storage_format)
     assert [(f.name, f.dataType) for f in prices.schema.fields] == [
         (f.name, f.dataType) for f in PRICES_SCHEMA.fields
     ]
@@ -111,8 +111,8 @@ def test_every_line_is_in_prices_or_rejects(
 ) -> None:
     config, summary = ingested[storage_format]
     expected = _lines_per_file(config.raw_dir)
-    rejects = read_table(spark, config.rejects_path, storage_format).toPandas()
-    prices = read_table(spark, config.prices_path, storage_format).toPandas()
+    rejects = read_table(spark, Path(config.rejects_path), storage_format).toPandas()
+    prices = read_table(spark, Path(config.prices_path), storage_format).toPandas()
     rejected = rejects.groupby("source_file").size()
     # Kept rows per file: every symbol's kept rows come from one file here but CARR#, whose
     # etfs/ copy is wholly rejected as duplicates.
@@ -127,7 +127,7 @@ def test_every_line_is_in_prices_or_rejects(
 
 def test_prices_equal_an_independent_pandas_reading(spark: SparkSession, ingested: dict) -> None:
     config, _ = ingested["delta"]
-    prices = read_table(spark, config.prices_path, "delta").toPandas()
+    prices = read_table(spark, Path(config.prices_path), "delta").toPandas()
     for path in sorted((REAL).glob("*/*.csv")):
         # round_trip: the exactly-rounded parse (pandas' default fast parser may be off by 1 ulp).
         oracle = pd.read_csv(path, dtype={"Date": str}, float_precision="round_trip").dropna()
@@ -144,7 +144,7 @@ def test_date_only_rows_of_the_real_files_are_rejected_as_missing_values(
     spark: SparkSession, ingested: dict
 ) -> None:
     config, _ = ingested["delta"]
-    rejects = read_table(spark, config.rejects_path, "delta").toPandas()
+    rejects = read_table(spark, Path(config.rejects_path), "delta").toPandas()
     missing = rejects[rejects["reason"] == "missing_values"]
     assert sorted(zip(missing["Symbol"], missing["Date"], strict=True)) == [
         ("HBAN", "2001-09-13"),
@@ -154,7 +154,7 @@ def test_date_only_rows_of_the_real_files_are_rejected_as_missing_values(
 
 def test_each_bad_line_gets_its_reason(spark: SparkSession, ingested: dict) -> None:
     config, _ = ingested["delta"]
-    rejects = read_table(spark, config.rejects_path, "delta").toPandas()
+    rejects = read_table(spark, Path(config.rejects_path), "delta").toPandas()
     bad = rejects[rejects["source_file"] == "stocks/BAD.csv"]
     found = {}
     for _, row in bad.iterrows():  # every reject keeps its whole line as read
@@ -167,7 +167,7 @@ def test_each_bad_line_gets_its_reason(spark: SparkSession, ingested: dict) -> N
 
 def test_float_spelled_whole_volume_is_kept(spark: SparkSession, ingested: dict) -> None:
     config, _ = ingested["delta"]
-    prices = read_table(spark, config.prices_path, "delta")
+    prices = read_table(spark, Path(config.prices_path), "delta")
     row = prices.filter("Symbol = 'BAD' AND Date = '2020-01-14'").collect()[0]
     assert row["Volume"] == 806400
 
@@ -176,7 +176,7 @@ def test_names_come_from_the_nasdaq_symbol_column_trimmed(
     spark: SparkSession, ingested: dict
 ) -> None:
     config, _ = ingested["delta"]
-    prices = read_table(spark, config.prices_path, "delta").toPandas()
+    prices = read_table(spark, Path(config.prices_path), "delta").toPandas()
     names = dict(zip(prices["Symbol"], prices["Security Name"], strict=True))
     meta = pd.read_csv(REAL / "symbols_valid_meta.csv", dtype=str)
     by_file_name = dict(zip(meta["NASDAQ Symbol"], meta["Security Name"].str.strip(), strict=True))
@@ -230,15 +230,15 @@ def test_files_without_data_give_empty_tables_with_the_contract_schema(
     spark: SparkSession, tmp_path: Path, storage_format: str
 ) -> None:
     config = apply_overrides(Config(data_dir=tmp_path), storage_format=storage_format)
-    (config.raw_dir / "stocks").mkdir(parents=True)
-    shutil.copy(REAL / "symbols_valid_meta.csv", config.raw_dir)
-    (config.raw_dir / "stocks" / "HDRONLY.csv").write_text(f"{HEADER}\n")
+    (Path(config.raw_dir) / "stocks").mkdir(parents=True)
+    shutil.copy(REAL / "symbols_valid_meta.csv", Path(config.raw_dir))
+    (Path(config.raw_dir) / "stocks" / "HDRONLY.csv").write_text(f"{HEADER}\n")
     summary = run(spark, config)
     assert (summary.rows_in, summary.rows_out, summary.rows_rejected) == (0, 0, 0)
-    prices = read_table(spark, config.prices_path, storage_format)
+    prices = read_table(spark, Path(config.prices_path), storage_format)
     assert prices.count() == 0
     assert [f.name for f in prices.schema.fields] == PRICES_SCHEMA.names
-    assert read_table(spark, config.rejects_path, storage_format).count() == 0
+    assert read_table(spark, Path(config.rejects_path), storage_format).count() == 0
 
 
 class DropsALine(IngestTask):
@@ -266,13 +266,15 @@ def test_a_line_lost_by_a_task_is_a_conservation_error(
     """Lines read are counted from each file's bytes, not from its classification: a line that
     a task drops from every output is still missed, and nothing is published."""
     config = apply_overrides(Config(data_dir=tmp_path), storage_format="parquet")
-    (config.raw_dir / "stocks").mkdir(parents=True)
-    shutil.copy(REAL / "symbols_valid_meta.csv", config.raw_dir)
-    (config.raw_dir / "stocks" / "BAD.csv").write_text(f"{HEADER}\n{BAD_FILE}")
-    (config.raw_dir / "stocks" / "GOOD.csv").write_text(f"{HEADER}\n2020-01-02,1,2,0.5,1.5,1.4,9\n")
+    (Path(config.raw_dir) / "stocks").mkdir(parents=True)
+    shutil.copy(REAL / "symbols_valid_meta.csv", Path(config.raw_dir))
+    (Path(config.raw_dir) / "stocks" / "BAD.csv").write_text(f"{HEADER}\n{BAD_FILE}")
+    (Path(config.raw_dir) / "stocks" / "GOOD.csv").write_text(
+        f"{HEADER}\n2020-01-02,1,2,0.5,1.5,1.4,9\n"
+    )
     with pytest.raises(ConservationError, match="stocks/BAD.csv: 11 read, 10 kept or rejected"):
         run(spark, config)
-    assert not config.prices_path.exists() and not config.rejects_path.exists()
+    assert not Path(config.prices_path).exists() and not Path(config.rejects_path).exists()
 
 
 def test_the_drivers_utc_date_is_the_last_valid_date_in_every_task(
@@ -282,12 +284,12 @@ def test_the_drivers_utc_date_is_the_last_valid_date_in_every_task(
     own clock or time zone decides nothing."""
     monkeypatch.setattr(ingest, "today_utc", lambda: date(2020, 1, 6))
     config = apply_overrides(Config(data_dir=tmp_path), storage_format="parquet")
-    (config.raw_dir / "stocks").mkdir(parents=True)
-    shutil.copy(REAL / "symbols_valid_meta.csv", config.raw_dir)
+    (Path(config.raw_dir) / "stocks").mkdir(parents=True)
+    shutil.copy(REAL / "symbols_valid_meta.csv", Path(config.raw_dir))
     days = ["2020-01-03", "2020-01-06", "2020-01-07"]
     lines = [f"{day},1,2,0.5,1.5,1.4,9" for day in days]
-    (config.raw_dir / "stocks" / "T.csv").write_text("\n".join([HEADER, *lines, ""]))
+    (Path(config.raw_dir) / "stocks" / "T.csv").write_text("\n".join([HEADER, *lines, ""]))
     summary = run(spark, config)
     assert summary.details["rejected_by_reason"] == {"bad_date": 1}
-    rejected = read_table(spark, config.rejects_path, "parquet").select("Date").collect()
+    rejected = read_table(spark, Path(config.rejects_path), "parquet").select("Date").collect()
     assert [row["Date"] for row in rejected] == ["2020-01-07"]

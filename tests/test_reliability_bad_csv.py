@@ -202,8 +202,8 @@ def ingested(
     config = load_config(data_dir=tmp_path_factory.mktemp("bad-csv") / "data")
     write_corpus(config.raw_dir)
     summary = ingest.run(spark, config)
-    prices = read_table(spark, config.prices_path, config.storage_format).toPandas()
-    rejects = read_table(spark, config.rejects_path, config.storage_format).toPandas()
+    prices = read_table(spark, Path(config.prices_path), config.storage_format).toPandas()
+    rejects = read_table(spark, Path(config.rejects_path), config.storage_format).toPandas()
     FIGURES["files"] = len(CORPUS)
     FIGURES["malformed_files"] = len(MALFORMED)
     FIGURES["data_lines"] = sum(data_lines(d) for d in CORPUS.values())
@@ -349,14 +349,14 @@ def ingested_known_bugs(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     config = load_config(data_dir=tmp_path_factory.mktemp("known-bugs") / "data")
     for relative, data in KNOWN_BUGS.items():
-        path = config.raw_dir / relative
+        path = Path(config.raw_dir) / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
     symbols = sorted({symbol_of(r) for r in KNOWN_BUGS})
-    (config.raw_dir / "symbols_valid_meta.csv").write_bytes(meta_file(symbols))
+    (Path(config.raw_dir) / "symbols_valid_meta.csv").write_bytes(meta_file(symbols))
     ingest.run(spark, config)
-    prices = read_table(spark, config.prices_path, config.storage_format).toPandas()
-    rejects = read_table(spark, config.rejects_path, config.storage_format).toPandas()
+    prices = read_table(spark, Path(config.prices_path), config.storage_format).toPandas()
+    rejects = read_table(spark, Path(config.rejects_path), config.storage_format).toPandas()
     return prices, rejects
 
 

@@ -90,7 +90,7 @@ def kill_mid_write(
     records_per_file: int = RECORDS_PER_FILE,
 ) -> Killed:
     """Run ``jobs/<job>.py`` under spark-submit; SIGKILL its process group once ``writing()``."""
-    log = config.data_dir.parent / f"{job}-killed.log"
+    log = Path(config.data_dir).parent / f"{job}-killed.log"
     command = [
         str(SPARK_SUBMIT),
         "--properties-file",
@@ -257,13 +257,13 @@ def features_frame() -> pd.DataFrame:
 
 def with_features(spark: SparkSession, config: Config) -> Config:
     frame = spark.createDataFrame(features_frame(), FEATURES_SCHEMA)
-    write_table(frame, config.features_path, config.storage_format)
+    write_table(frame, Path(config.features_path), config.storage_format)
     return config
 
 
 def with_prices(spark: SparkSession, config: Config) -> Config:
     frame = spark.createDataFrame(prices_frame(), PRICES_SCHEMA)
-    write_table(frame, config.prices_path, config.storage_format)
+    write_table(frame, Path(config.prices_path), config.storage_format)
     return config
 
 
@@ -289,8 +289,8 @@ def sample_raw(config: Config, seed: int) -> Config:
 
 def ingest_tables(spark: SparkSession, config: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
     return (
-        table_rows(spark, config.prices_path, config.storage_format),
-        table_rows(spark, config.rejects_path, config.storage_format),
+        table_rows(spark, Path(config.prices_path), config.storage_format),
+        table_rows(spark, Path(config.rejects_path), config.storage_format),
     )
 
 
@@ -309,7 +309,7 @@ def ingest_case(spark: SparkSession, base: Path, storage_format: str) -> IngestC
     config = sample_raw(fresh_config(base / "run", storage_format), seed=1)
     ingest.run(spark, config)
     before = ingest_tables(spark, config)
-    paths = (config.prices_path, config.rejects_path)
+    paths = (config.prices_path, Path(config.rejects_path))
     versions = tuple(delta_version(spark, path) for path in paths)
     committed = tuple(data_files(path) for path in paths)
     sample_raw(config, seed=2)  # new raw data: what the next ingest replaces the tables with
@@ -327,7 +327,7 @@ def test_killing_ingest_mid_write_keeps_the_previous_tables(
 ) -> None:
     case = ingest_case(spark, tmp_path, storage_format)
     config = case.config
-    paths = (config.prices_path, config.rejects_path)
+    paths = (config.prices_path, Path(config.rejects_path))
     watch = delta_writing if storage_format == "delta" else version_writing
     kill_mid_write("ingest", config, any_writing(*(watch(path) for path in paths)))
 
@@ -374,9 +374,9 @@ def test_killing_ingest_between_its_two_tables_leaves_a_consistent_pair(
 ) -> None:
     case = ingest_case(spark, tmp_path, "delta")
     config = case.config
-    between = committed_one_not_the_other(config.prices_path, config.rejects_path)
+    between = committed_one_not_the_other(config.prices_path, Path(config.rejects_path))
     kill_mid_write("ingest", config, between, records_per_file=0)  # 0: Spark's default, no limit
-    assert delta_version(spark, config.rejects_path) == case.versions[1]
+    assert delta_version(spark, Path(config.rejects_path)) == case.versions[1]
     pair = ingest_tables(spark, config)
     old = all(a.equals(b) for a, b in zip(pair, case.before, strict=True))
     new = all(a.equals(b) for a, b in zip(pair, case.expected, strict=True))
@@ -393,8 +393,8 @@ def test_killing_features_mid_write_keeps_the_previous_table(
 ) -> None:
     config = with_prices(spark, fresh_config(tmp_path / "run", storage_format))
     features.run(spark, config)  # the previous table: window 30
-    before = table_rows(spark, config.features_path, storage_format)
-    version = delta_version(spark, config.features_path)
+    before = table_rows(spark, Path(config.features_path), storage_format)
+    version = delta_version(spark, Path(config.features_path))
     committed = data_files(config.features_path)
     # What the interrupted job would have written (window 20), computed uninterrupted elsewhere.
     reference = replace(copy_data(config, tmp_path / "reference"), window=20)
@@ -402,7 +402,7 @@ def test_killing_features_mid_write_keeps_the_previous_table(
     expected = table_rows(spark, reference.features_path, storage_format)
     assert not before.equals(expected)
 
-    path = config.features_path
+    path = Path(config.features_path)
     writing = delta_writing(path) if storage_format == "delta" else version_writing(path)
     kill_mid_write("features", config, writing, "--window", "20")
 
@@ -454,7 +454,7 @@ def test_killing_train_mid_export_keeps_the_previous_model(
     small = {"num_trees": 4, "max_depth": 3}
     config = with_features(spark, fresh_config(tmp_path / "run", "delta", **small))
     train.run(spark, config)  # the previous model
-    before = snapshot_model(spark, config.model_dir)
+    before = snapshot_model(spark, Path(config.model_dir))
     new_params = {"num_trees": 40, "max_depth": 5, "seed": 7}
     reference = copy_data(config, tmp_path / "reference")
     reference = load_config(data_dir=reference.data_dir, storage_format="delta", **new_params)
@@ -466,10 +466,10 @@ def test_killing_train_mid_export_keeps_the_previous_model(
     kill_mid_write("train", config, version_writing(config.model_dir), *args)
 
     assert new_version_files(config.model_dir), "no half-written model version left behind"
-    assert snapshot_model(spark, config.model_dir) == before
-    rerun = load_config(data_dir=config.data_dir, storage_format="delta", **new_params)
+    assert snapshot_model(spark, Path(config.model_dir)) == before
+    rerun = load_config(data_dir=Path(config.data_dir), storage_format="delta", **new_params)
     train.run(spark, rerun)
-    after = snapshot_model(spark, config.model_dir)
+    after = snapshot_model(spark, Path(config.model_dir))
     assert after.spark_predictions == expected.spark_predictions
     assert after.served_predictions == expected.served_predictions
     # Only the new version and the previous one remain: the killed run's debris is gone.

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 import zipfile
 import zlib
@@ -22,7 +23,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+
 from stockvol.config import Config
+from stockvol.location import Location, new_version, publish_version, resolve
 from stockvol.sample import ETFS, META_FILE, STOCKS, generate_sample
 from stockvol.schema import CSV_COLUMNS, META_COLUMNS
 from stockvol.summary import StageSummary
@@ -349,15 +353,16 @@ def resolve_source(source: str, credentials: KaggleCredentials | None) -> str:
     return "kaggle" if credentials else "real"
 
 
-def raw_present(raw_dir: Path) -> bool:
-    """True when raw/ already holds the layout (so the step can skip)."""
+def raw_present(raw_dir: Location | Path) -> bool:
+    """True when raw/ (resolved) already holds the layout (so the step can skip)."""
+    raw_dir = Location.parse(raw_dir)
     return (raw_dir / META_FILE).is_file() and any((raw_dir / f).is_dir() for f in (STOCKS, ETFS))
 
 
-def read_marker(raw_dir: Path) -> dict[str, Any]:
+def read_marker(raw_dir: Location | Path) -> dict[str, Any]:
     """What the last acquire recorded in raw/, or {} (e.g. for a hand-copied raw/)."""
     try:
-        return json.loads((raw_dir / MARKER_FILE).read_text())
+        return json.loads((Location.parse(raw_dir) / MARKER_FILE).read_text())
     except (OSError, ValueError):
         return {}
 
@@ -400,10 +405,14 @@ def acquire(
         if not path.is_dir() and not zipfile.is_zipfile(path):
             raise AcquireError(f"{path} is neither a folder nor a zip archive")
 
-    if raw_dir.exists() and not force:
-        if raw_present(raw_dir):
-            marker = read_marker(raw_dir)
-            files, size, _ = _tree_stats(raw_dir, count_rows=False)
+    current = resolve(raw_dir) if raw_dir.exists() else None
+    if current is not None and not force:
+        if raw_present(current):
+            marker = read_marker(current)
+            if raw_dir.is_local:
+                files, size, _ = _tree_stats(Path(current), count_rows=False)
+            else:  # what acquire recorded: listing a bucket only to count is slow
+                files, size = marker.get("files", 0), marker.get("bytes", 0)
             log.info(
                 "%s already holds the dataset (%s, %d files, %.1f MB): skipping; "
                 "--force replaces it",
@@ -427,10 +436,13 @@ def acquire(
     if chosen == "kaggle" and credentials is None:
         raise AcquireError(missing_credentials_help(env))
 
-    data_dir.mkdir(parents=True, exist_ok=True)
-    _clean_stale_staging(data_dir)
-    staging = data_dir / f"{STAGING_PREFIX}{os.getpid()}-{int(time.time())}"
-    staging.mkdir()
+    if raw_dir.is_local:  # beside raw/, on the same file system, for the final rename
+        data_dir.mkdir()
+        _clean_stale_staging(Path(data_dir))
+        staging = Path(data_dir, f"{STAGING_PREFIX}{os.getpid()}-{int(time.time())}")
+        staging.mkdir()
+    else:  # assembled on local disk (TMPDIR), then uploaded as a new version of raw/
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX))
     details: dict[str, Any] = {"source": chosen}
     try:
         if chosen == "sample":
@@ -468,10 +480,12 @@ def acquire(
         details.setdefault("rows", rows)
         details.update(files=files, bytes=size, acquired_at=datetime.now(timezone.utc).isoformat())
         (staging / MARKER_FILE).write_text(json.dumps(details, indent=2, sort_keys=True) + "\n")
-        _swap_into_place(staging, raw_dir)
-    except BaseException:
+        if raw_dir.is_local:
+            _swap_into_place(staging, Path(raw_dir))
+        else:
+            _upload(staging, raw_dir)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
     log.info(
         "%s: %s, %d files, %d rows, %.1f MB",
         raw_dir,
@@ -483,6 +497,16 @@ def acquire(
     return StageSummary(
         "download", 0, details["rows"], seconds=time.perf_counter() - started, details=details
     )
+
+
+def _upload(staging: Path, raw_dir: Location) -> None:
+    """Copy the assembled folder to a new version of raw/ on object storage, then point raw/ at
+    it: there is no rename there, so an interrupted upload leaves the previous raw/ current."""
+    version = new_version(raw_dir)
+    filesystem, inner = version.arrow
+    log.info("uploading %s to %s", staging, version)
+    pafs.copy_files(str(staging), inner, destination_filesystem=filesystem, use_threads=True)
+    publish_version(raw_dir, version)
 
 
 def _swap_into_place(staging: Path, raw_dir: Path) -> None:

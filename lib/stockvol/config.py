@@ -9,6 +9,8 @@ from typing import Any, NoReturn
 
 import yaml
 
+from stockvol.location import Location, LocationError
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = PROJECT_ROOT / "conf" / "pipeline.yaml"
 
@@ -55,9 +57,9 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class Config:
-    """Everything a job needs; paths all derive from ``data_dir``."""
+    """Everything a job needs; paths all derive from ``data_dir`` (local or ``s3a://``)."""
 
-    data_dir: Path
+    data_dir: Location
     master: str = "local[*]"
     spark_defaults_file: Path = PROJECT_ROOT / "spark-defaults.conf"
     kaggle_id: str = "jacksoncrow/stock-market-dataset"
@@ -70,31 +72,31 @@ class Config:
     model: ModelParams = field(default_factory=ModelParams)
 
     @property
-    def raw_dir(self) -> Path:
+    def raw_dir(self) -> Location:
         return self.data_dir / "raw"
 
     @property
-    def lake_dir(self) -> Path:
+    def lake_dir(self) -> Location:
         return self.data_dir / "lake"
 
     @property
-    def prices_path(self) -> Path:
+    def prices_path(self) -> Location:
         return self.lake_dir / "prices"
 
     @property
-    def rejects_path(self) -> Path:
+    def rejects_path(self) -> Location:
         return self.lake_dir / "rejects"
 
     @property
-    def features_path(self) -> Path:
+    def features_path(self) -> Location:
         return self.lake_dir / "features"
 
     @property
-    def model_dir(self) -> Path:
+    def model_dir(self) -> Location:
         return self.data_dir / "model"
 
     @property
-    def metrics_path(self) -> Path:
+    def metrics_path(self) -> Location:
         return self.model_dir / "metrics.json"
 
 
@@ -211,7 +213,7 @@ def load_config(path: str | Path = DEFAULT_CONFIG, **overrides: Any) -> Config:
             raise ConfigError(f"{key} must be a path, got {value!r}")
     defaults_file = Path(spark.get("defaults_file", "spark-defaults.conf"))
     config = Config(
-        data_dir=Path(raw.get("data_dir", "data")),
+        data_dir=_data_dir(raw.get("data_dir", "data")),
         master=spark.get("master", "local[*]"),
         spark_defaults_file=defaults_file
         if defaults_file.is_absolute()
@@ -228,6 +230,13 @@ def load_config(path: str | Path = DEFAULT_CONFIG, **overrides: Any) -> Config:
     return validate(apply_overrides(config, **overrides))
 
 
+def _data_dir(value: str | Path | Location) -> Location:
+    try:
+        return Location.parse(value)
+    except LocationError as err:
+        raise ConfigError(f"data_dir: {err}") from None
+
+
 def apply_overrides(config: Config, **overrides: Any) -> Config:
     """Return a copy with the given top-level or model settings replaced (None = keep)."""
     top = {f.name for f in fields(Config)}
@@ -238,7 +247,7 @@ def apply_overrides(config: Config, **overrides: Any) -> Config:
         if value is None:
             continue
         if name in top:
-            top_changes[name] = Path(value) if name == "data_dir" else value
+            top_changes[name] = _data_dir(value) if name == "data_dir" else value
         elif name in model_names:
             model_changes[name] = value
         else:

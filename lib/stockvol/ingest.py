@@ -14,6 +14,7 @@ the JVM: that cost several times the parsing).
 
 from __future__ import annotations
 
+import io
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -25,12 +26,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
 
 from stockvol.cli import PipelineError
 from stockvol.config import Config
+from stockvol.location import Location, resolve
 from stockvol.raw_csv import (
     BAD_HEADER,
     LINE,
@@ -106,8 +109,10 @@ class RawFiles:
     empty: list[str] = field(default_factory=list)  # 0 bytes: not even a header
 
 
-def list_raw_files(raw_dir: Path) -> RawFiles:
-    """List the CSVs (no file is opened); a clear error when there is nothing to ingest."""
+def list_raw_files(raw_dir: Location | Path) -> RawFiles:
+    """List the CSVs of the resolved raw folder (no file is opened); a clear error when there is
+    nothing to ingest."""
+    raw_dir = Location.parse(raw_dir)
     if not raw_dir.is_dir():
         raise IngestInputError(
             f"raw data folder not found: {raw_dir}; "
@@ -119,10 +124,12 @@ def list_raw_files(raw_dir: Path) -> RawFiles:
         )
     found = RawFiles(csv_files=[])
     for folder in FOLDERS:
-        for path in sorted((raw_dir / folder).glob("*.csv")) if (raw_dir / folder).is_dir() else []:
-            relative = f"{folder}/{path.name}"
+        for entry in (raw_dir / folder).children():
+            if entry.type != pafs.FileType.File or not entry.base_name.endswith(".csv"):
+                continue
+            relative = f"{folder}/{entry.base_name}"
             found.csv_files.append(relative)
-            if path.stat().st_size == 0:
+            if entry.size == 0:
                 found.empty.append(relative)
     if not found.csv_files:
         raise IngestInputError(f"no CSV files under {raw_dir}/stocks or {raw_dir}/etfs")
@@ -322,11 +329,12 @@ def read_bytes(path: str) -> bytes:
 
 
 def ingest_files(
-    spark: SparkSession, raw_dir: Path, task: Callable[[Iterator], Iterator]
+    spark: SparkSession, raw_dir: Location | Path, task: Callable[[Iterator], Iterator]
 ) -> pd.DataFrame:
     """Every CSV of raw/stocks and raw/etfs, listed by one Spark file scan and handed out to
     tasks by ranges of file names (the same name in both folders is the same symbol); the tasks'
     result rows, collected (one action: the tasks write files, they must run once)."""
+    raw_dir = Location.parse(raw_dir)
     paths = [str(raw_dir / folder) for folder in FOLDERS if (raw_dir / folder).is_dir()]
     files = spark.read.format("binaryFile").option("pathGlobFilter", "*.csv").load(paths)
     tasks = TASKS_PER_CORE * spark.sparkContext.defaultParallelism
@@ -363,9 +371,11 @@ def staged_files(result: pd.DataFrame, table: str) -> tuple[list[str], int]:
 def run(spark: SparkSession, config: Config) -> StageSummary:
     """Read raw/, write prices and rejects, check that every line is accounted for."""
     started = time.perf_counter()
-    raw_dir = config.raw_dir
+    raw_dir = resolve(config.raw_dir)  # once: acquire may publish a new raw/ meanwhile
     found = list_raw_files(raw_dir)
-    meta = pd.read_csv(raw_dir / META_FILE, dtype=str, keep_default_na=False)
+    meta = pd.read_csv(
+        io.BytesIO((raw_dir / META_FILE).read_bytes()), dtype=str, keep_default_na=False
+    )
     names = security_names(meta)
     fmt = config.storage_format
     prices = prepare_write(spark, config.prices_path, PRICES_SCHEMA, fmt)

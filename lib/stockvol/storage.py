@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
+import re
 import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import unquote
 
 import pyarrow as pa
@@ -21,6 +23,14 @@ from pyspark.sql.types import StructType
 
 from stockvol.cli import PipelineError
 from stockvol.config import STORAGE_FORMATS
+from stockvol.location import (
+    Location,
+    current_version,
+    is_published,
+    new_version,
+    publish_version,
+    resolve,
+)
 from stockvol.schema import DATE, SYMBOL
 
 # The columns Delta keeps file statistics on, for data skipping (when the table has them).
@@ -40,44 +50,66 @@ class ConcurrentWriteError(PipelineError):
     committed by this job, which can simply be rerun."""
 
 
+# Delta's conflict exceptions (ConcurrentAppendException, ConcurrentDeleteReadException, ...,
+# MetadataChangedException, ProtocolChangedException): another writer committed first.
+_CONFLICT = re.compile(
+    r"\b(Concurrent\w+Exception|MetadataChangedException|ProtocolChangedException)"
+)
+
+
+@contextmanager
+def _conflicts_as_one_line(path: Location) -> Iterator[None]:
+    """Turn Delta's conflict exception (a py4j traceback) into a ``ConcurrentWriteError`` that
+    says what happened and what to do; any other error passes through unchanged."""
+    try:
+        yield
+    except Exception as err:  # py4j's or PySpark's wrapper of the JVM exception
+        found = _CONFLICT.search(str(err))
+        if found is None:
+            raise
+        raise ConcurrentWriteError(
+            f"{path}: another run committed to this table while this job wrote it "
+            f"({found.group(1)}); nothing was committed by this job. Delta allows one writer "
+            "per table at a time: wait for the other run to finish, then rerun"
+        ) from None
+
+
 def _check_format(storage_format: str) -> None:
     if storage_format not in STORAGE_FORMATS:
         raise ValueError(f"storage format must be one of {STORAGE_FORMATS}, got {storage_format!r}")
 
 
 _TASKS_SUFFIX = ".tasks"
+TablePath = Location | Path | str
 
 
-def _versions_dir(path: Path) -> Path:
-    return path.parent / f".{path.name}.versions"
-
-
-def write_table(df: DataFrame, path: Path, storage_format: str) -> None:
+def write_table(df: DataFrame, path: TablePath, storage_format: str) -> None:
     """Replace the table at ``path`` so that a reader sees the old table or the new one, never half.
 
     Delta: an overwrite commit (column mapping on, so names with spaces are allowed; statistics
-    on ``STATS_COLUMNS`` only); the previous version stays in the log. Parquet: the
-    data goes to a fresh directory and ``path`` is a symlink swapped with one atomic rename, so a
-    job killed at any moment leaves the previous table readable.
+    on ``STATS_COLUMNS`` only); the previous version stays in the log until VACUUM. Parquet: the
+    data goes to a fresh version directory and ``path``, a symlink (local disk) or a pointer
+    object (object storage), moves to it last (``location.publish_version``), so a job killed at
+    any moment leaves the previous table readable.
     """
     _check_format(storage_format)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = Location.parse(path)
+    path.parent.mkdir()
     if storage_format == "delta":
-        if path.is_symlink():  # the table was Parquet: its versions go once Delta has committed
-            path.unlink()
+        if current_version(path) is not None:  # the table was Parquet: its link goes first
+            path.delete()
         properties = _table_properties(df.columns)
         existed = table_exists(path, "delta")
-        complete = not existed or _set_properties(df.sparkSession, path, properties)
-        writer = df.write.format("delta").mode("overwrite").option("overwriteSchema", "true")
-        writer.options(**properties).save(str(path))
-        if not complete:  # the new columns exist now
-            _set_properties(df.sparkSession, path, properties)
-        shutil.rmtree(_versions_dir(path), ignore_errors=True)  # Parquet versions, staged files
+        with _conflicts_as_one_line(path):
+            complete = not existed or _set_properties(df.sparkSession, path, properties)
+            writer = df.write.format("delta").mode("overwrite").option("overwriteSchema", "true")
+            writer.options(**properties).save(str(path))
+            if not complete:  # the new columns exist now
+                _set_properties(df.sparkSession, path, properties)
         return
-    new_version = new_staging_dir(path)
-    df.write.parquet(str(new_version))
-    _swap_in(new_version, path)
+    version = new_version(path)
+    df.write.parquet(str(version))
+    publish_version(path, version)
 
 
 @dataclass(frozen=True)
@@ -86,10 +118,10 @@ class TableWrite:
     ``publish`` then makes the table: where the files go, how they are named, which columns they
     carry. Made by ``prepare_write`` on the driver; tasks receive it pickled."""
 
-    path: Path  # the table
+    path: Location  # the table
     storage_format: str
     schema: StructType  # the table's columns (logical names)
-    directory: Path  # where the tasks write the files (Parquet: beside the version, not in it)
+    directory: Location  # where the tasks write the files (Parquet: beside the version, not in it)
     prefix: str  # every file of this write is named ``prefix`` + a fresh id + ``.parquet``
     file_schema: pa.Schema  # the files' columns: a Delta table's physical names, in schema order
     in_place: bool  # Delta: the files are committed where they are (else Spark copies them)
@@ -98,11 +130,11 @@ class TableWrite:
     def new_file(self) -> str:
         """A fresh file name: a retried task never writes over a file another attempt
         reported; ``publish`` keeps only the files that successful tasks returned."""
-        return f"{self.directory}/{self.prefix}{uuid.uuid4().hex}.parquet"
+        return str(self.directory / f"{self.prefix}{uuid.uuid4().hex}.parquet")
 
 
 def prepare_write(
-    spark: SparkSession, path: Path, schema: StructType, storage_format: str
+    spark: SparkSession, path: TablePath, schema: StructType, storage_format: str
 ) -> TableWrite:
     """Get the table at ``path`` ready for a write of ``schema`` by tasks (see ``TableWrite``).
 
@@ -116,12 +148,12 @@ def prepare_write(
     before any task runs.
     """
     _check_format(storage_format)
-    # Absolute, as Spark's own writers make a path on the driver: executors run elsewhere (a
-    # standalone worker's current directory is its work directory).
-    path = Path(path).absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # Absolute (Location makes it so), as Spark's own writers make a path on the driver:
+    # executors run elsewhere (a standalone worker's current directory is its work directory).
+    path = Location.parse(path)
+    path.parent.mkdir()
     arrow = to_arrow_schema(schema)
-    staged = TableWrite(path, storage_format, schema, new_staging_dir(path), "part-", arrow, False)
+    staged = TableWrite(path, storage_format, schema, new_version(path), "part-", arrow, False)
     if storage_format == "parquet":
         return replace(staged, directory=_tasks_dir(staged.directory))
     if not table_exists(path, "delta"):
@@ -129,7 +161,8 @@ def prepare_write(
     fields = json.loads(_delta_log(spark, path).startTransaction().metadata().schemaString())
     if [(f["name"], f["type"]) for f in fields["fields"]] != _logical_columns(schema):
         return staged  # write_table (in publish) changes the columns and properties together
-    _set_properties(spark, path, _table_properties(schema.names))
+    with _conflicts_as_one_line(path):
+        _set_properties(spark, path, _table_properties(schema.names))
     transaction = _delta_log(spark, path).startTransaction()
     refusal = _in_place_refusal(spark, transaction.snapshot())
     if refusal:
@@ -238,17 +271,11 @@ def _in_place_refusal(spark: SparkSession, snapshot) -> str | None:  # noqa: ANN
     return None
 
 
-def _tasks_dir(version: Path) -> Path:
+def _tasks_dir(version: Location) -> Location:
     """Where the tasks of a Parquet write put their files: beside the version directory, so a
     task attempt that finishes after ``publish`` (speculative, or orphaned by a lost executor)
     writes outside the live table."""
-    return version.with_name(f"{version.name}{_TASKS_SUFFIX}")
-
-
-def new_staging_dir(path: Path) -> Path:
-    """A fresh directory name (not created) for a new version of the table at ``path``: it
-    becomes the table itself for Parquet; for Delta it holds files staged for a copy."""
-    return _versions_dir(Path(path)) / uuid.uuid4().hex
+    return version.parent / f"{version.name}{_TASKS_SUFFIX}"
 
 
 def publish(spark: SparkSession, target: TableWrite, files: list[str]) -> int:
@@ -263,36 +290,49 @@ def publish(spark: SparkSession, target: TableWrite, files: list[str]) -> int:
     caller can check them against its own count without scanning the table again (a Delta count
     right after the commit cost 1 to 2 s per table, mostly rebuilding the new snapshot).
     """
-    listed = {Path(f).name for f in files}
-    target.directory.mkdir(parents=True, exist_ok=True)
-    for entry in target.directory.glob(f"{target.prefix}*.parquet"):
-        if entry.name not in listed:
-            entry.unlink()
+    listed = {PurePosixPath(f).name for f in files}
+    target.directory.mkdir()
+    for name in target.directory.child_names():
+        if name.startswith(target.prefix) and name.endswith(".parquet") and name not in listed:
+            (target.directory / name).delete()
     if target.in_place:
         paths = [target.directory / name for name in sorted(listed)]
         try:
             rows = _commit_files(spark, target, paths)
         except Exception:  # not committed: the files are nobody's
-            for file in paths:
-                file.unlink(missing_ok=True)
+            _each(Location.delete, paths)
             raise
-        shutil.rmtree(_versions_dir(target.path), ignore_errors=True)  # Parquet versions
         return rows
     if target.storage_format == "delta":
         reader = spark.read.schema(target.schema)
         copied = reader.parquet(*files) if files else spark.createDataFrame([], target.schema)
         write_table(copied, target.path, "delta")
+        target.directory.delete()  # the staged files, copied into the table
         return read_table(spark, target.path, "delta").count()
     # Parquet: the reported files move into the version directory, which becomes the table.
-    version = target.directory.with_name(target.directory.name.removesuffix(_TASKS_SUFFIX))
+    version = target.directory.parent / target.directory.name.removesuffix(_TASKS_SUFFIX)
     version.mkdir()
-    for name in listed:
-        os.replace(target.directory / name, version / name)
-    rows = sum(pq.read_metadata(version / name).num_rows for name in listed)
+    _each(lambda name: (target.directory / name).move_to(version / name), sorted(listed))
+    rows = sum(_footer(version / name).num_rows for name in listed)
     if not files:  # an empty table still has its schema
-        pq.write_table(target.file_schema.empty_table(), version / "part-empty.parquet")
-    _swap_in(version, target.path)  # also removes the tasks' directory
+        filesystem, inner = (version / "part-empty.parquet").arrow
+        pq.write_table(target.file_schema.empty_table(), inner, filesystem=filesystem)
+    publish_version(target.path, version)
+    target.directory.delete()  # the tasks' directory: failed attempts' files only
     return rows
+
+
+def _each(action, items: list) -> None:  # noqa: ANN001 (any one-argument function)
+    """Apply ``action`` to every item, 16 at a time: on object storage each one is a request
+    (a move is a copy and a delete), and their latency, not bandwidth, is what they cost."""
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(action, items))
+
+
+def _footer(file: Location) -> pq.FileMetaData:
+    """A Parquet file's footer (row counts, schema, statistics), read without its data."""
+    filesystem, inner = file.arrow
+    return pq.read_metadata(inner, filesystem=filesystem)
 
 
 # A written Parquet row group holds about this many rows: big enough for fast scans, small
@@ -369,10 +409,13 @@ class FileWriter:
     def _next_file(self) -> None:
         if self.writer is not None:
             self.writer.close()
-        os.makedirs(self.target.directory, exist_ok=True)
+        self.target.directory.mkdir()
         path = self.target.new_file()
         schema = self.target.file_schema
-        self.writer = pq.ParquetWriter(path, schema, use_dictionary=dictionary_columns(schema))
+        filesystem, inner = Location.parse(path).arrow
+        self.writer = pq.ParquetWriter(
+            inner, schema, filesystem=filesystem, use_dictionary=dictionary_columns(schema)
+        )
         self.files.append((path, 0))
 
     def close(self) -> list[tuple[str, int]]:
@@ -383,7 +426,7 @@ class FileWriter:
         return self.files
 
 
-def _commit_files(spark: SparkSession, target: TableWrite, files: list[Path]) -> int:
+def _commit_files(spark: SparkSession, target: TableWrite, files: list[Location]) -> int:
     """One Delta commit that replaces every file of the table with ``files``; their rows.
 
     Delta has no public API that commits files another writer made, so this uses the
@@ -423,22 +466,14 @@ def _commit_files(spark: SparkSession, target: TableWrite, files: list[Path]) ->
     none = jvm.scala.Option.apply(None)
     write = getattr(jvm.org.apache.spark.sql.delta, "DeltaOperations$Write")
     operation = write(jvm.org.apache.spark.sql.SaveMode.Overwrite, *[none] * 8)
-    try:
+    with _conflicts_as_one_line(target.path):  # a commit in the last moment: Delta's own check
         transaction.commit(to_scala.asScala(actions).toSeq(), operation)
-    except Py4JJavaError as err:  # a commit in the last moment: Delta's own conflict check
-        kind = err.java_exception.getClass().getName()
-        if "Concurrent" not in kind and "Changed" not in kind:
-            raise
-        raise ConcurrentWriteError(
-            f"{target.path}: another commit conflicted with this one ({kind.rsplit('.', 1)[-1]})"
-            ": nothing was committed, rerun the job"
-        ) from None
     return rows
 
 
-def _add_action(file: Path, target: TableWrite, stats_columns: list[str]) -> dict:
+def _add_action(file: Location, target: TableWrite, stats_columns: list[str]) -> dict:
     """The Delta ``add`` action of one written file, after checking its columns."""
-    metadata = pq.read_metadata(file)
+    metadata = _footer(file)
     written = metadata.schema.to_arrow_schema()
     if written.names != target.file_schema.names or written.types != target.file_schema.types:
         raise RuntimeError(f"{file}: columns {written} are not the table's {target.file_schema}")
@@ -456,13 +491,13 @@ def _add_action(file: Path, target: TableWrite, stats_columns: list[str]) -> dic
         if bounded:
             stats["minValues"][name] = min(chunk.min for chunk in bounded)
             stats["maxValues"][name] = max(chunk.max for chunk in bounded)
-    status = file.stat()
+    status = file.info()
     return {
         "add": {
-            "path": file.relative_to(target.path).as_posix(),
+            "path": file.relative_to(target.path),
             "partitionValues": {},
-            "size": status.st_size,
-            "modificationTime": int(status.st_mtime * 1000),
+            "size": status.size,
+            "modificationTime": int(status.mtime.timestamp() * 1000),
             "dataChange": True,
             "stats": json.dumps(stats),
         }
@@ -478,16 +513,17 @@ class TableFiles:
 
 
 def table_files(
-    spark: SparkSession, path: Path, storage_format: str, version: int | None = None
+    spark: SparkSession, path: TablePath, storage_format: str, version: int | None = None
 ) -> TableFiles | None:
     """The files of the table at ``path`` (Delta: at ``version``, else the latest), or None when
     they do not hold the table's rows as they are: a Delta table with deletion vectors (rows
     deleted outside the files) or partition columns (values outside the files)."""
-    path = Path(path).absolute()  # the files are opened by executors (see prepare_write)
+    path = Location.parse(path)  # absolute: the files are opened by executors
     if storage_format == "parquet":
-        files = sorted(str(f) for f in path.resolve().glob("*.parquet"))
-        schema = read_table(spark, path, "parquet").schema
-        return TableFiles(files, {name: name for name in schema.names})
+        current = resolve(path)
+        names = [name for name in current.child_names() if name.endswith(".parquet")]
+        schema = spark.read.parquet(str(current)).schema
+        return TableFiles([str(current / name) for name in names], {n: n for n in schema.names})
     version = delta_version(spark, path) if version is None else version
     none = spark._jvm.scala.Option.apply(None)
     snapshot = _delta_log(spark, path).getSnapshotAt(version, none, none, False)
@@ -504,20 +540,15 @@ def table_files(
     return TableFiles(sorted(files), {f["name"]: _physical_name(f) for f in fields})
 
 
-def _absolute(table: Path, file: str) -> str:
+def _absolute(table: Location, file: str) -> str:
     """A Delta ``add`` path (relative to the table, or an absolute URI) as one a reader opens."""
     return file if "://" in file or file.startswith("file:") else str(table / file)
 
 
 def open_path(path: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem and path for a path that Spark or Delta gives: local (plain or
-    ``file:/...``; taken as it is, so a ``#`` in a name is no URI fragment) or a URI of any
-    filesystem pyarrow knows (``s3a://`` read as ``s3://``)."""
-    if path.startswith("file:"):
-        return pafs.LocalFileSystem(), path.removeprefix("file:")
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path.replace("s3a://", "s3://", 1))
-    return pafs.LocalFileSystem(), path
+    ``file:/...``; taken as it is, so a ``#`` in a name is no URI fragment) or ``s3a://``."""
+    return Location.parse(path).arrow
 
 
 def read_parquet(file: str, columns: dict[str, str]) -> pa.Table:
@@ -547,7 +578,7 @@ def column_range(file: str, column: str) -> tuple[object, object] | None:
     return min(low for low, _ in bounds), max(high for _, high in bounds)
 
 
-def _delta_log(spark: SparkSession, path: Path):  # noqa: ANN202 (a py4j JavaObject)
+def _delta_log(spark: SparkSession, path: Location):  # noqa: ANN202 (a py4j JavaObject)
     return spark._jvm.org.apache.spark.sql.delta.DeltaLog.forTable(spark._jsparkSession, str(path))
 
 
@@ -566,16 +597,6 @@ def _field_id(column: dict) -> dict[bytes, bytes]:
     return {} if column_id is None else {b"PARQUET:field_id": str(column_id).encode()}
 
 
-def _swap_in(version: Path, path: Path) -> None:
-    """Point the symlink ``path`` at ``version`` with one atomic rename; drop older versions."""
-    if path.exists() and not path.is_symlink():  # the table was Delta before: switch format
-        shutil.rmtree(path)
-    link = path.parent / f".{path.name}.link-{uuid.uuid4().hex}"
-    os.symlink(version.relative_to(path.parent), link)
-    os.replace(link, path)
-    _remove_stale_versions(_versions_dir(path), keep=version)
-
-
 def _table_properties(columns: list[str]) -> dict[str, str]:
     """Column mapping (names with spaces), and statistics on the key columns only: Delta keeps
     min/max/null statistics of the first 32 columns by default, which doubled the JVM's CPU per
@@ -587,7 +608,7 @@ def _table_properties(columns: list[str]) -> dict[str, str]:
     return properties
 
 
-def _set_properties(spark: SparkSession, path: Path, properties: dict[str, str]) -> bool:
+def _set_properties(spark: SparkSession, path: Location, properties: dict[str, str]) -> bool:
     """Give an existing table these properties (a write's options only set them on creation);
     a table that has them already gets no extra commit. Returns False if the statistics
     property names a column the table does not have yet (it is then left for after the write).
@@ -609,43 +630,38 @@ def _set_properties(spark: SparkSession, path: Path, properties: dict[str, str])
     return complete
 
 
-def _remove_stale_versions(versions: Path, keep: Path) -> None:
-    """Delete versions no reader can reach any more (older ones and leftovers of killed runs)."""
-    for entry in versions.iterdir():
-        if entry != keep:
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-def table_exists(path: Path, storage_format: str) -> bool:
+def table_exists(path: TablePath, storage_format: str) -> bool:
     """True when a complete table of that format is at ``path``."""
     _check_format(storage_format)
-    path = Path(path)
+    path = Location.parse(path)
     if storage_format == "delta":
         # A commit, not just the log directory: a first write that died leaves an empty one.
-        log = path / "_delta_log"
-        return not path.is_symlink() and any(
-            entry.suffix == ".json" or ".checkpoint" in entry.name
-            for entry in (log.iterdir() if log.is_dir() else ())
+        # (Below a Parquet table's link there is no log: its versions have none.)
+        return current_version(path) is None and any(
+            name.endswith(".json") or ".checkpoint" in name
+            for name in (path / "_delta_log").child_names()
         )
-    return path.is_symlink() and path.exists()
+    return is_published(path)
 
 
-def read_table(spark: SparkSession, path: Path, storage_format: str) -> DataFrame:
-    """Read a lake table, or raise TableNotFoundError saying which job writes it."""
-    path = Path(path)
+def read_table(spark: SparkSession, path: TablePath, storage_format: str) -> DataFrame:
+    """Read a lake table, or raise TableNotFoundError saying which job writes it. A Parquet
+    table is read at its current version, resolved once."""
+    path = Location.parse(path)
     if not table_exists(path, storage_format):
         raise TableNotFoundError(
             f"no {storage_format} table at {path}: run the job that writes it first "
             f"(ingest writes prices and rejects, features writes features)"
         )
-    return spark.read.format(storage_format).load(str(path))
+    return spark.read.format(storage_format).load(str(resolve(path)))
 
 
-def delta_version(spark: SparkSession, path: Path) -> int | None:
+def delta_version(spark: SparkSession, path: TablePath) -> int | None:
     """The latest Delta version of the table at ``path`` (None for Parquet or no table).
 
     From the log's latest snapshot: ``DeltaTable.history()`` gives the same but took 5.6 s in a
     fresh JVM (it reads and sorts every commit's information)."""
+    path = Location.parse(path)
     if not table_exists(path, "delta"):
         return None
     return int(_delta_log(spark, path).startTransaction().readVersion())

@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import platform
-import shutil
 import time
 import uuid
 from collections.abc import Mapping
@@ -36,6 +35,14 @@ from pyspark.sql import functions as F
 
 from stockvol.cli import PipelineError
 from stockvol.config import HORIZONS, SPLIT_METHODS, TARGETS, Config, ModelParams, validate_model
+from stockvol.location import (
+    Location,
+    current_version,
+    new_version,
+    publish_version,
+    resolve,
+    versions_dir,
+)
 from stockvol.schema import (
     DATE,
     FEATURE_COLUMNS,
@@ -683,54 +690,43 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def versions_dir(model_dir: Path) -> Path:
-    """Where the model versions live; ``model_dir`` is a symlink to one of them."""
-    return model_dir.parent / f".{model_dir.name}.versions"
-
-
-def _save_pipeline(model: PipelineModel, path: Path) -> None:
+def _save_pipeline(model: PipelineModel, path: Location) -> None:
     model.write().save(str(path))
 
 
-def _write_extras(path: Path, metrics: Mapping[str, Any], plot_png: bytes) -> None:
+def _write_extras(path: Location, metrics: Mapping[str, Any], plot_png: bytes) -> None:
     (path / METRICS_FILE).write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     (path / PLOT_FILE).write_bytes(plot_png)
 
 
 def export_model(
-    model: PipelineModel, metrics: Mapping[str, Any], plot_png: bytes, model_dir: Path
-) -> Path:
-    """Write model, metrics.json and the plot to a new version directory, then swap it in.
+    model: PipelineModel,
+    metrics: Mapping[str, Any],
+    plot_png: bytes,
+    model_dir: Location | Path | str,
+) -> Location:
+    """Write model, metrics.json and the plot to a new version directory, then publish it.
 
-    ``model_dir`` is a symlink into ``.model.versions/``; ``os.replace`` of the link is atomic, so
-    a reader finds the previous complete model or the new one, never a mix or a missing path. A
-    failure before the swap removes the new version and leaves the link untouched. The previous
-    version is kept (a reader that resolved the link just before the swap can finish reading it);
-    older ones are deleted. Returns the new version's directory.
+    The version goes to ``.model.versions/`` beside ``model_dir``, which then names it: a symlink
+    renamed into place on local disk, a pointer object written with one PUT on object storage
+    (``location.publish_version``), so a reader finds the previous complete model or the new one,
+    never a mix. A failure before that removes the new version and leaves ``model_dir`` as it
+    was. Replaced versions stay for readers that resolved ``model_dir`` just before, until the
+    retention setting removes them. Returns the new version's directory.
     """
-    model_dir = Path(model_dir)
-    versions = versions_dir(model_dir)
-    versions.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    new_version = versions / f"{stamp}-{uuid.uuid4().hex[:8]}"
+    model_dir = Location.parse(model_dir)
+    version = new_version(model_dir)
     try:
-        _save_pipeline(model, new_version)
-        _write_extras(new_version, metrics, plot_png)
+        _save_pipeline(model, version)
+        _write_extras(version, metrics, plot_png)
     except BaseException:
-        shutil.rmtree(new_version, ignore_errors=True)
+        version.delete()
         raise
-    previous = model_dir.resolve() if model_dir.is_symlink() else None
-    if model_dir.exists() and not model_dir.is_symlink():
-        # A plain directory (older layout) is moved aside: model_dir is missing for an instant.
-        previous = versions / f"legacy-{uuid.uuid4().hex[:8]}"
-        os.rename(model_dir, previous)
-    link = model_dir.parent / f".{model_dir.name}.link-{uuid.uuid4().hex}"
-    os.symlink(new_version.relative_to(model_dir.parent), link)
-    os.replace(link, model_dir)
-    for entry in versions.iterdir():
-        if entry not in (new_version, previous):
-            shutil.rmtree(entry, ignore_errors=True)
-    return new_version
+    if model_dir.is_local and current_version(model_dir) is None and model_dir.is_dir():
+        # A plain directory (older layout) is kept as a version: missing for an instant.
+        os.rename(model_dir.uri, (versions_dir(model_dir) / f"legacy-{uuid.uuid4().hex[:8]}").uri)
+    publish_version(model_dir, version)
+    return version
 
 
 # ---------------------------------------------------------------------------------------------
@@ -775,7 +771,7 @@ def verdict(metrics: Mapping[str, Any]) -> str:
     return f"the model does NOT beat the baseline: {detail}"
 
 
-def summary_text(metrics: Mapping[str, Any], model_dir: Path) -> str:
+def summary_text(metrics: Mapping[str, Any], model_dir: Location) -> str:
     """A few lines for a person: what was fitted, how well, compared with the baseline."""
     params, rows, test, base = (
         metrics["params"],
@@ -814,10 +810,10 @@ def run(spark: SparkSession, config: Config) -> StageSummary:
     clock = time.perf_counter()
     metrics = result.metrics
     metrics["lineage"] = {
-        "features_path": str(config.features_path.resolve()),
+        "features_path": str(config.features_path),
         "format": config.storage_format,
         "delta_version": version,
-        "parquet_version": os.path.realpath(config.features_path)
+        "parquet_version": str(resolve(config.features_path))
         if config.storage_format == "parquet"
         else None,
         "spark_version": spark.version,
