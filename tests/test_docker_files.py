@@ -225,10 +225,13 @@ def test_executors_and_driver_share_the_data_volume(compose: dict[str, Any]) -> 
     assert "data" in compose["volumes"]
     assert services(compose)["spark-worker"]["volumes"] == ["data:/data"]
     assert services(compose)["pipeline"]["volumes"] == ["data:/data"]
-    assert services(compose)["pipeline"]["environment"]["STOCKVOL_DATA_DIR"] == "/data"
+    # The volume by default; a bucket (s3a://...) when .env sets STOCKVOL_DATA_DIR.
+    assert services(compose)["pipeline"]["environment"]["STOCKVOL_DATA_DIR"] == (
+        "${STOCKVOL_DATA_DIR:-/data}"
+    )
     server = services(compose)["server"]
     assert server["volumes"] == ["data:/data:ro"]
-    assert server["environment"]["MODEL_DIR"] == "/data/model"
+    assert server["environment"]["MODEL_DIR"] == "${STOCKVOL_DATA_DIR:-/data}/model"
 
 
 def test_start_order_follows_health_and_the_finished_pipeline(compose: dict[str, Any]) -> None:
@@ -248,14 +251,20 @@ def test_long_running_services_have_health_checks(compose: dict[str, Any]) -> No
     assert "/health" in " ".join(services(compose)["server"]["healthcheck"]["test"])
 
 
-def test_only_the_pipeline_gets_the_env_file(compose: dict[str, Any]) -> None:
+def test_kaggle_credentials_go_to_the_pipeline_and_s3_ones_to_what_touches_the_data(
+    compose: dict[str, Any],
+) -> None:
+    s3 = {"path": "s3.env", "required": False}
+    expected = {
+        "pipeline": [{"path": ".env", "required": False}, s3],
+        "spark-worker": [s3],  # executors read and write the bucket
+        "server": [s3],  # reads the model from it
+        "spark-master": [],  # never touches the data
+    }
     for name, spec in services(compose).items():
         environment = spec.get("environment", {})
-        assert not any(key.startswith("KAGGLE") for key in environment), name
-        if name == "pipeline":
-            assert spec["env_file"] == [{"path": ".env", "required": False}]
-        else:
-            assert "env_file" not in spec, name
+        assert not any(key.startswith(("KAGGLE", "AWS")) for key in environment), name
+        assert spec.get("env_file", []) == expected[name], name
 
 
 def test_containers_run_the_scripts_the_native_cluster_test_runs(compose: dict[str, Any]) -> None:
