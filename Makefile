@@ -12,9 +12,9 @@ export PYSPARK_DRIVER_PYTHON := $(PY)
 SPARK_SUBMIT := SPARK_CONF_DIR=$(CURDIR) $(VENV)/bin/spark-submit --load-spark-defaults \
 	--properties-file conf/spark-local.conf
 
-.PHONY: setup run download pipeline ingest features train serve test lint format clean
+.PHONY: setup run download pipeline ingest features train retention serve test lint format clean
 .PHONY: test-cluster cluster-up cluster-down cluster-pipeline bench bench-sweep bench-serving
-.PHONY: test-load test-all test-known-bugs
+.PHONY: test-load test-all test-known-bugs s3proxy
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,12 +33,34 @@ download: setup
 pipeline: setup
 	$(SPARK_SUBMIT) jobs/pipeline.py --data-dir $(DATA)
 
-ingest features train: setup
+# retention: delete replaced files older than storage.retention_hours (the jobs do it after a run).
+ingest features train retention: setup
 	$(SPARK_SUBMIT) jobs/$@.py --data-dir $(DATA)
+
+# A real S3-compatible server for the tests (tests/s3server.py): s3proxy from Maven Central, its
+# classpath resolved once by mvn into .s3proxy/classpath.txt (jars in ~/.m2). Resolved again when
+# the version changes or a jar is gone from the local repository.
+S3PROXY_VERSION := 2.6.0
+S3PROXY_CP := .s3proxy/classpath.txt
+s3proxy:  ## resolve the test S3 server's classpath with mvn (idempotent)
+	@if [ -s $(S3PROXY_CP) ] && grep -q '/s3proxy-$(S3PROXY_VERSION).jar' $(S3PROXY_CP) \
+		&& ls $$(tr ':' ' ' < $(S3PROXY_CP)) > /dev/null 2>&1; then \
+		echo "s3proxy $(S3PROXY_VERSION): $(S3PROXY_CP) is up to date"; \
+	else \
+		mkdir -p .s3proxy && printf '%s\n' \
+			'<project xmlns="http://maven.apache.org/POM/4.0.0"><modelVersion>4.0.0</modelVersion>' \
+			'<groupId>local</groupId><artifactId>s3proxy-classpath</artifactId><version>1</version>' \
+			'<dependencies><dependency><groupId>org.gaul</groupId><artifactId>s3proxy</artifactId>' \
+			'<version>$(S3PROXY_VERSION)</version></dependency></dependencies></project>' \
+			> .s3proxy/pom.xml \
+		&& mvn -q -B -Dstyle.color=never -f .s3proxy/pom.xml dependency:build-classpath \
+			-Dmdep.outputFile=classpath.txt \
+		&& echo "s3proxy $(S3PROXY_VERSION): resolved into $(S3PROXY_CP)"; \
+	fi
 
 # The README's test command. The standalone-cluster test starts a master, a worker and a driver of
 # its own and takes minutes: it is a separate target; test-all (what CI runs) runs every one.
-test: setup  ## lint, then the test suite (real Spark, Delta, MLlib, HTTP, SIGKILL faults)
+test: setup s3proxy  ## lint, then the test suite (real Spark, Delta, MLlib, HTTP, SIGKILL faults)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -m "not cluster and not known_bug"
@@ -48,7 +70,7 @@ test-all: test test-known-bugs test-cluster test-load  ## everything CI runs
 # Strict xfails that show open bugs (docs/reliability.md): its own run, where an expected failure
 # passes and a fix (XPASS) or a broken harness (any other error) fails. Out of `make test` for
 # time: the one it holds kills a real ingest and takes a minute and a half.
-test-known-bugs: setup  ## the known-bug tests; fails when a bug is fixed or its harness breaks
+test-known-bugs: setup s3proxy  ## the known-bug tests; fails when a bug is fixed or its harness breaks
 	$(PY) -m pytest -m "known_bug and not cluster"
 
 # Bounded load on gunicorn over 127.0.0.1 (docs/reliability.md); fails on any error. LOAD_ARGS to change.
@@ -58,7 +80,7 @@ test-load: setup  ## 12 s at 64 connections against gunicorn; any failed or wron
 
 # A native Spark standalone master + worker (docs/cluster.md); the test starts its own on free ports.
 MASTER ?= spark://127.0.0.1:7077
-test-cluster: setup  ## the standalone-cluster test and the compose/Dockerfile checks only
+test-cluster: setup s3proxy  ## the standalone-cluster test and the compose/Dockerfile checks only
 	$(PY) -m pytest -m "cluster" tests/test_cluster.py
 
 cluster-up: setup  ## master on 127.0.0.1:7077 (web UI :8080) and one worker, in the background
@@ -94,4 +116,4 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf $(DATA) spark-warehouse metastore_db derby.log .pytest_cache
+	rm -rf $(DATA) spark-warehouse metastore_db derby.log .pytest_cache .s3proxy

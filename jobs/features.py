@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from stockvol import retention
 from stockvol.cli import run_stages
 from stockvol.features import run
 
@@ -21,4 +22,11 @@ def overrides(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(run_stages("Features job", [run], add_arguments=add_arguments, overrides=overrides))
+    sys.exit(
+        run_stages(
+            "Features job",
+            [run, retention.stage("features")],
+            add_arguments=add_arguments,
+            overrides=overrides,
+        )
+    )

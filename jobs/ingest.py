@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import sys
 
+from stockvol import retention
 from stockvol.cli import run_stages
 from stockvol.ingest import run
 
 if __name__ == "__main__":
-    sys.exit(run_stages("Ingest CSVs into prices and rejects", [run]))
+    sys.exit(
+        run_stages(
+            "Ingest CSVs into prices and rejects", [run, retention.stage("prices", "rejects")]
+        )
+    )

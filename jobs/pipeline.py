@@ -1,4 +1,4 @@
-"""Ingest -> features -> train in one Spark application: one JVM start, one summary line per stage.
+"""Ingest -> features -> train -> retention in one Spark application, one summary line per stage.
 
     spark-submit --properties-file spark-defaults.conf jobs/pipeline.py --data-dir data [--tune]
     docker/submit.sh jobs/pipeline.py --data-dir /data      # on a standalone cluster
@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import sys
 
-from stockvol import features, ingest, train
+from stockvol import features, ingest, retention, train
 from stockvol.cli import run_stages
 
 if __name__ == "__main__":
     sys.exit(
         run_stages(
             "Pipeline (ingest -> features -> train) in one Spark application",
-            [ingest.run, features.run, train.run],
+            [ingest.run, features.run, train.run, retention.stage(*retention.TARGETS)],
             add_arguments=train.add_arguments,
             overrides=train.overrides,
         )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 
+from stockvol import retention
 from stockvol.cli import run_stages
 from stockvol.train import add_arguments, overrides, run
 
@@ -14,7 +15,7 @@ if __name__ == "__main__":
     sys.exit(
         run_stages(
             "Train a random forest on the features table and export the model",
-            [run],
+            [run, retention.stage("model")],
             add_arguments=add_arguments,
             overrides=overrides,
         )

@@ -1,7 +1,10 @@
-"""Shared fixtures: one SparkSession for the whole test run (local[2], Delta configured)."""
+"""Shared fixtures: one SparkSession for the whole test run (local[2], Delta configured), and a
+real S3 server (s3proxy on loopback) for the tests that use object storage."""
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +13,21 @@ from pyspark.sql import SparkSession
 
 from stockvol.config import Config, load_config
 from stockvol.spark import build_session
+from tests.s3server import SPARK_TEST_CONF, S3Server, free_port, server_environment
+
+S3_PORT = pytest.StashKey[int]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Point the standard AWS variables at the test S3 server's port before any JVM starts.
+
+    Spark (S3A) and pyarrow, in this process and in every subprocess, get the endpoint and the
+    test credentials the way a user's would: from the environment. Set whatever the shell had, so
+    no test can reach a real bucket. The server itself starts only when a test asks for it.
+    """
+    port = free_port()
+    config.stash[S3_PORT] = port
+    os.environ.update(server_environment(port))
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +42,7 @@ def spark() -> Iterator[SparkSession]:
             "spark.sql.shuffle.partitions": "2",
             "spark.default.parallelism": "2",
             "spark.databricks.delta.snapshotPartitions": "2",
+            **SPARK_TEST_CONF,
         },
     )
     yield session
@@ -48,3 +67,23 @@ def report_figures(request: pytest.FixtureRequest) -> Iterator[None]:
 def config(tmp_path: Path) -> Config:
     """The project's configuration with every path under this test's own tmp_path."""
     return load_config(data_dir=tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def s3_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[S3Server]:
+    """s3proxy on the port AWS_ENDPOINT_URL names, started on first use (about 3 s)."""
+    server = S3Server(request.config.stash[S3_PORT], tmp_path_factory.mktemp("s3proxy"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> str:
+    """A new empty bucket on the test S3 server, as ``s3a://NAME`` (read it with pyarrow as
+    ``s3://NAME``)."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3_server.create_bucket(name)
+    return f"s3a://{name}"

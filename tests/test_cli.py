@@ -33,6 +33,7 @@ BAD_YAML = {
     "tune grid": ("model:\n  tune_max_bins: [32, 1]\n", "each of tune_max_bins must be at least 2"),
     "not YAML": ("model: [\n", "is not valid YAML"),
     "a section that is a list": ("model:\n  - 1\n", "model: must be a mapping"),
+    "retention": ("storage:\n  retention_hours: soon\n", "retention_hours must be a number"),
 }
 
 BAD_SETTINGS = [
@@ -46,6 +47,8 @@ BAD_SETTINGS = [
     ("features", ["--median", "mean"], "argument --median: invalid choice: 'mean'"),
     ("ingest", ["--format", "csv"], "argument --format: invalid choice: 'csv'"),
     ("ingest", ["--config", "nowhere.yaml"], "config file not found: nowhere.yaml"),
+    ("retention", ["--retention-hours", "-1"], "retention_hours must be a number of hours >= 0"),
+    ("ingest", ["--retention-hours", "inf"], "retention_hours must be a number of hours >= 0"),
     ("download", ["--symbols", "0"], "must be at least 1, got 0"),
     ("download", ["--rows-multiplier", "x"], "argument --rows-multiplier: invalid float value"),
 ]

@@ -200,7 +200,15 @@ def test_pipeline_runs_on_the_cluster_and_writes_tables_and_model(
         STOCKVOL_CONFIG=str(config_file),
     )
 
-    for stage in ("[download]", "[ingest]", "[features]", "[train]", "[pipeline] stages=3"):
+    summaries = (
+        "[download]",
+        "[ingest]",
+        "[features]",
+        "[train]",
+        "[retention]",
+        "[pipeline] stages=4",
+    )
+    for stage in summaries:
         assert stage in output, f"no {stage} summary line in:\n{output[-4000:]}"
     assert "stockvol-pipeline" in [app["name"] for app in completed_apps(cluster)]
 

@@ -110,7 +110,7 @@ def test_every_line_is_in_prices_or_rejects(
     spark: SparkSession, ingested: dict, storage_format: str
 ) -> None:
     config, summary = ingested[storage_format]
-    expected = _lines_per_file(config.raw_dir)
+    expected = _lines_per_file(Path(config.raw_dir))
     rejects = read_table(spark, Path(config.rejects_path), storage_format).toPandas()
     prices = read_table(spark, Path(config.prices_path), storage_format).toPandas()
     rejected = rejects.groupby("source_file").size()

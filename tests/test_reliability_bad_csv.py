@@ -200,7 +200,7 @@ def ingested(
     spark: SparkSession, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Config, object, pd.DataFrame, pd.DataFrame]:
     config = load_config(data_dir=tmp_path_factory.mktemp("bad-csv") / "data")
-    write_corpus(config.raw_dir)
+    write_corpus(Path(config.raw_dir))
     summary = ingest.run(spark, config)
     prices = read_table(spark, Path(config.prices_path), config.storage_format).toPandas()
     rejects = read_table(spark, Path(config.rejects_path), config.storage_format).toPandas()

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -40,6 +40,7 @@ from pyspark.sql import SparkSession
 from serving.forest import load_model
 from stockvol import features, ingest, train
 from stockvol.config import Config, load_config
+from stockvol.location import Location
 from stockvol.sample import generate_sample
 from stockvol.schema import (
     ADJ_CLOSE,
@@ -88,8 +89,10 @@ def kill_mid_write(
     writing: Callable[[], bool],
     *args: str,
     records_per_file: int = RECORDS_PER_FILE,
+    conf: Sequence[str] = (),
 ) -> Killed:
-    """Run ``jobs/<job>.py`` under spark-submit; SIGKILL its process group once ``writing()``."""
+    """Run ``jobs/<job>.py`` under spark-submit (``conf``: more of its flags); SIGKILL its
+    process group once ``writing()``."""
     log = Path(config.data_dir).parent / f"{job}-killed.log"
     command = [
         str(SPARK_SUBMIT),
@@ -99,6 +102,7 @@ def kill_mid_write(
         f"spark.sql.files.maxRecordsPerFile={records_per_file}",
         "--conf",
         "spark.sql.shuffle.partitions=2",
+        *conf,
         str(ROOT / "jobs" / f"{job}.py"),
         "--data-dir",
         str(config.data_dir),
@@ -138,13 +142,15 @@ def kill_mid_write(
     return Killed(log.read_text(errors="replace"), seconds)
 
 
-def data_files(path: Path) -> set[Path]:
+def data_files(path: Path | Location) -> set[Path]:
     """The Parquet files under a table directory (Delta: its data files; not the log)."""
+    path = Path(path)  # a Location from the config, or a Path
     return {p for p in path.rglob("*.parquet") if "_delta_log" not in p.parts}
 
 
-def delta_writing(path: Path) -> Callable[[], bool]:
+def delta_writing(path: Path | Location) -> Callable[[], bool]:
     """True once the new version's data files are landing but the commit is not written yet."""
+    path = Path(path)  # a Location from the config, or a Path
     before = data_files(path)
     log_before = set((path / "_delta_log").glob("*.json"))
 
@@ -155,13 +161,15 @@ def delta_writing(path: Path) -> Callable[[], bool]:
     return writing
 
 
-def versions_dir(path: Path) -> Path:
+def versions_dir(path: Path | Location) -> Path:
     """Where storage.write_table (Parquet) and train.export_model keep versions."""
+    path = Path(path)  # a Location from the config, or a Path
     return path.parent / f".{path.name}.versions"
 
 
-def new_version_files(path: Path) -> list[Path]:
+def new_version_files(path: Path | Location) -> list[Path]:
     """Files under version directories other than the one ``path`` links to."""
+    path = Path(path)  # a Location from the config, or a Path
     current = path.resolve() if path.is_symlink() else None
     versions = versions_dir(path)
     if not versions.is_dir():
@@ -177,8 +185,9 @@ def new_version_files(path: Path) -> list[Path]:
     ]
 
 
-def version_writing(path: Path, pattern: str = "*.parquet") -> Callable[[], bool]:
+def version_writing(path: Path | Location, pattern: str = "*.parquet") -> Callable[[], bool]:
     """True once a new version beside the one ``path`` links to holds enough ``pattern`` files."""
+    path = Path(path)  # a Location from the config, or a Path
     target = path.resolve()
 
     def writing() -> bool:
@@ -201,14 +210,19 @@ def table_rows(spark: SparkSession, path: Path, storage_format: str) -> pd.DataF
     return df.orderBy(*df.columns).toPandas()
 
 
-def arrow_rows(path: Path) -> pd.DataFrame:
+def arrow_rows(path: Path | Location) -> pd.DataFrame:
     """A Parquet table read without Spark (pyarrow follows the symlink), in a fixed order."""
+    path = Path(path)  # a Location from the config, or a Path
     frame = pq.read_table(path.resolve()).to_pandas()
     return frame.sort_values(list(frame.columns), na_position="first").reset_index(drop=True)
 
 
 def assert_table_unchanged(
-    spark: SparkSession, path: Path, storage_format: str, before: pd.DataFrame, version: int | None
+    spark: SparkSession,
+    path: Path | Location,
+    storage_format: str,
+    before: pd.DataFrame,
+    version: int | None,
 ) -> None:
     assert_frame_equal(table_rows(spark, path, storage_format), before)
     if storage_format == "delta":
@@ -218,8 +232,9 @@ def assert_table_unchanged(
         assert_frame_equal(arrow_rows(path), expected.reset_index(drop=True), check_dtype=False)
 
 
-def debris(path: Path, storage_format: str, committed: set[Path]) -> int:
+def debris(path: Path | Location, storage_format: str, committed: set[Path]) -> int:
     """Files the killed write left behind: proof it was killed mid-write."""
+    path = Path(path)  # a Location from the config, or a Path
     if storage_format == "delta":
         return len(data_files(path) - committed)
     return len(new_version_files(path))
@@ -257,13 +272,13 @@ def features_frame() -> pd.DataFrame:
 
 def with_features(spark: SparkSession, config: Config) -> Config:
     frame = spark.createDataFrame(features_frame(), FEATURES_SCHEMA)
-    write_table(frame, Path(config.features_path), config.storage_format)
+    write_table(frame, config.features_path, config.storage_format)
     return config
 
 
 def with_prices(spark: SparkSession, config: Config) -> Config:
     frame = spark.createDataFrame(prices_frame(), PRICES_SCHEMA)
-    write_table(frame, Path(config.prices_path), config.storage_format)
+    write_table(frame, config.prices_path, config.storage_format)
     return config
 
 
@@ -395,7 +410,7 @@ def test_killing_features_mid_write_keeps_the_previous_table(
     features.run(spark, config)  # the previous table: window 30
     before = table_rows(spark, Path(config.features_path), storage_format)
     version = delta_version(spark, Path(config.features_path))
-    committed = data_files(config.features_path)
+    committed = data_files(Path(config.features_path))
     # What the interrupted job would have written (window 20), computed uninterrupted elsewhere.
     reference = replace(copy_data(config, tmp_path / "reference"), window=20)
     features.run(spark, reference)
@@ -441,7 +456,7 @@ class ModelSnapshot:
 def snapshot_model(spark: SparkSession, model_dir: Path) -> ModelSnapshot:
     frame, x = probe_features(spark)
     return ModelSnapshot(
-        model_dir.resolve(),
+        Path(model_dir).resolve(),
         (model_dir / "metrics.json").read_bytes(),
         spark_model_predictions(spark, model_dir, frame),
         load_model(model_dir).predict(x).tolist(),
@@ -463,9 +478,9 @@ def test_killing_train_mid_export_keeps_the_previous_model(
     assert expected.spark_predictions != before.spark_predictions
 
     args = ("--num-trees", "40", "--max-depth", "5", "--seed", "7")
-    kill_mid_write("train", config, version_writing(config.model_dir), *args)
+    kill_mid_write("train", config, version_writing(Path(config.model_dir)), *args)
 
-    assert new_version_files(config.model_dir), "no half-written model version left behind"
+    assert new_version_files(Path(config.model_dir)), "no half-written model version left behind"
     assert snapshot_model(spark, Path(config.model_dir)) == before
     rerun = load_config(data_dir=Path(config.data_dir), storage_format="delta", **new_params)
     train.run(spark, rerun)
@@ -473,6 +488,6 @@ def test_killing_train_mid_export_keeps_the_previous_model(
     assert after.spark_predictions == expected.spark_predictions
     assert after.served_predictions == expected.served_predictions
     # Only the new version and the previous one remain: the killed run's debris is gone.
-    assert len(list(versions_dir(config.model_dir).iterdir())) == 2
+    assert len(list(versions_dir(Path(config.model_dir)).iterdir())) == 2
     FIGURES["train_model"] += 1
     FIGURES["survived"] += 1

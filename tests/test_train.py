@@ -28,6 +28,7 @@ from stockvol.config import (
     config_from_args,
     load_config,
 )
+from stockvol.location import versions_dir
 from stockvol.schema import FEATURES_SCHEMA
 from stockvol.storage import TableNotFoundError, write_table
 from stockvol.summary import StageSummary
@@ -42,7 +43,6 @@ from stockvol.train import (
     time_split,
     time_split_date,
     train,
-    versions_dir,
 )
 
 WINDOW = 30
@@ -433,7 +433,7 @@ def test_failed_export_leaves_the_previous_model_unchanged(
     assert reloaded.stages[1].getNumTrees == model.stages[1].getNumTrees
 
 
-def test_export_swaps_versions_and_keeps_only_the_previous_one(
+def test_export_publishes_each_version_and_leaves_old_ones_to_retention(
     fitted_model: PipelineModel, tmp_path: Path
 ) -> None:
     model = fitted_model
@@ -449,7 +449,8 @@ def test_export_swaps_versions_and_keeps_only_the_previous_one(
         newest = export_model(model, {"run": run_number}, b"png", model_dir)
         assert model_dir.is_symlink() and model_dir.resolve() == newest
         assert json.loads((model_dir / METRICS_FILE).read_text()) == {"run": run_number}
-        assert set(versions_dir(model_dir).iterdir()) == {newest, previous}
+        assert {newest, previous} <= set(versions_dir(model_dir).iterdir())
+    assert len(list(versions_dir(model_dir).iterdir())) == 4  # the legacy directory and 3 runs
 
 
 def test_tuning_picks_the_best_candidate_and_trains_with_it(

@@ -69,7 +69,14 @@ class Config:
     storage_format: str = "delta"
     window: int = 30
     median: str = "approx"
+    # Replaced table files and versions are deleted this long after they were replaced
+    # (stockvol.retention); 168 = Delta's own default, delta.deletedFileRetentionDuration.
+    retention_hours: float = 168.0
     model: ModelParams = field(default_factory=ModelParams)
+
+    def __post_init__(self) -> None:
+        # A Config built or replaced with a plain path (tests, scripts) gets the same Location.
+        object.__setattr__(self, "data_dir", _data_dir(self.data_dir))
 
     @property
     def raw_dir(self) -> Location:
@@ -123,6 +130,13 @@ def _check_fraction(name: str, value: object, one_allowed: bool) -> None:
         raise ConfigError(f"{name} must be a number in {interval}, got {value!r}")
 
 
+def _check_hours(name: str, value: object) -> None:
+    """A finite number of hours, 0 or more."""
+    number = not isinstance(value, bool) and isinstance(value, int | float)
+    if not number or not 0 <= value < float("inf"):
+        raise ConfigError(f"{name} must be a number of hours >= 0, got {value!r}")
+
+
 # MLlib's own limits: a tree deeper than 30 or fewer than 2 bins fails only once Spark runs.
 MAX_DEPTH_LIMIT = 30
 MIN_BINS = 2
@@ -171,6 +185,7 @@ def validate(config: Config) -> Config:
             raise ConfigError(f"{name} must be a non-empty text, got {getattr(config, name)!r}")
     _check_int("sample_symbols", config.sample_symbols, 1)
     _check_int("sample_seed", config.sample_seed, 0)
+    _check_hours("retention_hours", config.retention_hours)
     validate_model(config.model)
     return config
 
@@ -223,6 +238,7 @@ def load_config(path: str | Path = DEFAULT_CONFIG, **overrides: Any) -> Config:
         sample_symbols=dataset.get("sample_symbols", 60),
         sample_seed=dataset.get("sample_seed", 42),
         storage_format=storage.get("format", "delta"),
+        retention_hours=storage.get("retention_hours", Config.retention_hours),
         window=features.get("window", 30),
         median=features.get("median", "approx"),
         model=_model_params(raw.get("model", {})),
@@ -277,6 +293,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--format", dest="storage_format", choices=STORAGE_FORMATS)
     parser.add_argument("--median", choices=MEDIAN_MODES, help="rolling median mode")
     parser.add_argument("--master", help="Spark master URL, e.g. local[2] or spark://HOST:7077")
+    parser.add_argument(
+        "--retention-hours",
+        type=float,
+        help="delete replaced files this long after their replacement (default: conf, 168)",
+    )
     return parser
 
 
@@ -288,5 +309,6 @@ def config_from_args(args: argparse.Namespace, **extra: Any) -> Config:
         storage_format=args.storage_format,
         median=args.median,
         master=args.master,
+        retention_hours=args.retention_hours,
         **extra,
     )

@@ -127,6 +127,10 @@ class TableWrite:
     in_place: bool  # Delta: the files are committed where they are (else Spark copies them)
     read_version: int | None = None  # Delta in place: the version the write was planned on
 
+    def __post_init__(self) -> None:
+        for name in ("path", "directory"):  # a plain path (tests, scripts) becomes a Location
+            object.__setattr__(self, name, Location.parse(getattr(self, name)))
+
     def new_file(self) -> str:
         """A fresh file name: a retried task never writes over a file another attempt
         reported; ``publish`` keeps only the files that successful tasks returned."""
