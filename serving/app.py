@@ -18,13 +18,15 @@ from serving.forest import (
     ModelError,
     ModelNotFoundError,
     ServingModel,
+    display_location,
     load_model,
 )
 
 log = logging.getLogger("serving")
 
 DEFAULTS: dict[str, Any] = {
-    # The Spark PipelineModel directory (the train job makes it a symlink to the current version).
+    # The Spark PipelineModel directory: a local path (the train job makes it a symlink to the
+    # current version) or an s3:// / s3a:// URI (a pointer object naming the current version).
     "MODEL_DIR": "data/model",
     # True: refuse to start without a model. False: start, answer 503 until restarted with one.
     "MODEL_REQUIRED": False,
@@ -45,10 +47,11 @@ DEFAULTS: dict[str, Any] = {
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app. Settings: DEFAULTS < environment (MODEL_DIR, SERVING_<NAME>) < ``config``.
 
-    The model is read once, here (and again only by ``reload_model``). A missing model directory
-    leaves the app up with ``/health`` and ``/predict`` answering 503 (unless MODEL_REQUIRED); a
-    directory that is not a model this server understands raises ``ModelFormatError``, so a server
-    never starts on a bad model.
+    The model is read once, here (and again only by ``reload_model``). A missing model directory,
+    or an object store that cannot be reached, leaves the app up with ``/health`` and ``/predict``
+    answering 503 (unless MODEL_REQUIRED); a directory that is not a model this server understands
+    raises ``ModelFormatError`` (a MODEL_DIR it cannot read at all, ``ModelLocationError``), so a
+    server never starts on a bad model.
     """
     app = Flask(__name__)
     app.config.from_mapping(DEFAULTS)
@@ -94,6 +97,9 @@ def _read_model(app: Flask) -> ServingModel:
 def reload_model(app: Flask) -> bool:
     """Read MODEL_DIR again and serve it; if it is not a valid model, keep the one being served.
 
+    MODEL_DIR is resolved again (its symlink or pointer object), so a newly published version is
+    picked up; an unreachable object store or a pointer to a missing version keeps the old model.
+
     gunicorn's master calls this on SIGHUP (``on_reload`` in serving/gunicorn.conf.py) before it
     forks the new workers, which inherit whatever model this leaves. Returns whether it swapped.
     """
@@ -107,7 +113,7 @@ def reload_model(app: Flask) -> bool:
         # for the unexpected ones: a ModelError's message names the file and the problem.
         log.error(
             "model reload from %s failed, still serving %s: %s: %s",
-            app.config["MODEL_DIR"],
+            display_location(app.config["MODEL_DIR"]),
             kept,
             type(err).__name__,
             err,

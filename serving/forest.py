@@ -2,7 +2,9 @@
 SQLTransformer), no JVM.
 
 Spark writes the pipeline as JSON metadata plus Parquet tree data. This module reads them with
-pyarrow, refuses any directory it does not understand, and predicts exactly as Spark 4.2 does:
+pyarrow, through a pyarrow ``FileSystem`` (local disk, or S3 for ``s3://``/``s3a://`` URIs, where
+a pointer object names the current version: ``open_location``, ``resolve_model_dir``), refuses
+any directory it does not understand, and predicts exactly as Spark 4.2 does:
 
 * a continuous split sends a row left when ``value <= threshold`` (``ContinuousSplit``);
 * the forest predicts ``(p_0 + p_1 + ... + p_{n-1}) / numTrees``, summed left to right in tree
@@ -29,15 +31,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import posixpath
+import re
 from bisect import bisect_left
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from serving.strictmath import strict_exp
@@ -83,26 +88,219 @@ class ModelNotFoundError(ModelError):
     """No model directory at the configured path (train one first: ``make train``)."""
 
 
+class ModelStoreError(ModelNotFoundError):
+    """The object store holding the model cannot be reached or refuses the request (endpoint,
+    credentials, permissions): no model can be read now; served as 503 like a missing model."""
+
+
+class ModelLocationError(ModelError):
+    """MODEL_DIR is not a location this server reads (an unknown scheme, credentials in the URI)."""
+
+
 class ModelFormatError(ModelError):
     """The directory is not a PipelineModel this server understands; the message says why."""
 
 
-def _read_metadata(directory: Path) -> dict[str, Any]:
+# Object-store schemes read through pyarrow's S3 filesystem; Hadoop's ``s3a://`` names the same
+# objects as ``s3://`` (the pipeline's Spark side writes s3a:// paths).
+S3_SCHEMES = ("s3", "s3a")
+# A pointer object holds one short relative path; anything longer is not a pointer.
+POINTER_MAX_BYTES = 4096
+# A URI: ``scheme://...`` or ``file:/...``; anything else is a local path ("c:model" included).
+_URI = re.compile(r"^(?:[A-Za-z][A-Za-z0-9+.-]*://|file:)")
+
+
+@dataclass(frozen=True)
+class ModelStore:
+    """Where a model's files are read from: a pyarrow filesystem, and how to name its paths.
+
+    Local directories are read through ``LocalFileSystem`` and object storage through
+    ``S3FileSystem``, so both take the same code path. ``scheme`` is None for local paths, else the
+    URI scheme MODEL_DIR was given with (``s3``/``s3a``), used in every message and in ``info``.
+    """
+
+    fs: pafs.FileSystem
+    scheme: str | None = None
+
+    @property
+    def remote(self) -> bool:
+        return self.scheme is not None
+
+    def uri(self, path: str) -> str:
+        """``path`` (a filesystem path: ``bucket/key`` on S3) as people write it."""
+        return f"{self.scheme}://{path}" if self.remote else path
+
+    def _store_error(self, path: str, err: OSError) -> ModelError:
+        return ModelStoreError(
+            f"cannot read {self.uri(path)} from the object store: {err} (check AWS_ENDPOINT_URL, "
+            "AWS_REGION and the credentials in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
+        )
+
+    def info(self, path: str) -> pafs.FileInfo:
+        try:
+            return self.fs.get_file_info(path)
+        except OSError as err:
+            if self.remote:
+                raise self._store_error(path, err) from err
+            raise
+
+    def is_dir(self, path: str) -> bool:
+        return self.info(path).type == pafs.FileType.Directory
+
+    def file_names(self, directory: str) -> list[str]:
+        """The names of the files directly in ``directory`` (none if it does not exist)."""
+        try:
+            found = self.fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
+        except OSError as err:
+            if self.remote:
+                raise self._store_error(directory, err) from err
+            raise
+        return sorted(item.base_name for item in found if item.type == pafs.FileType.File)
+
+    def read_bytes(self, path: str) -> bytes:
+        try:
+            with self.fs.open_input_stream(path) as stream:
+                return stream.read()
+        except FileNotFoundError:
+            raise
+        except OSError as err:
+            if self.remote:
+                raise self._store_error(path, err) from err
+            raise
+
+    def read_parquet(self, directory: str, columns: list[str]) -> pa.Table:
+        if not self.is_dir(directory):
+            raise ModelFormatError(f"missing {self.uri(directory)}")
+        try:
+            return pq.read_table(directory, columns=columns, filesystem=self.fs)
+        except (pa.ArrowException, OSError, KeyError) as err:
+            # An I/O error from the object store is the store's (the network, the credentials);
+            # anything else, a local I/O error included, is the files'.
+            if self.remote and isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
+                raise self._store_error(directory, err) from err
+            raise ModelFormatError(
+                f"cannot read {self.uri(directory)} as Parquet with {columns}: {err}"
+            ) from err
+
+
+def display_location(location: str | os.PathLike[str]) -> str:
+    """MODEL_DIR as it may be logged: a URI without user info, query or fragment."""
+    text = os.fspath(location)
+    if not _URI.match(text):
+        return text
+    parts = urlsplit(text)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+
+
+def open_location(location: str | os.PathLike[str]) -> tuple[ModelStore, str]:
+    """The store and the filesystem path for MODEL_DIR: a local path, ``file:``, ``s3://``,
+    ``s3a://``. Credentials come from the environment (the AWS SDK's variables), never the URI."""
+    text = os.fspath(location)
+    if not _URI.match(text):
+        return ModelStore(pafs.LocalFileSystem()), os.path.realpath(text)
+    parts = urlsplit(text)
+    shown = display_location(text)
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
+            raise ModelLocationError(f"MODEL_DIR {shown}: a file: URI names a local path only")
+        return ModelStore(pafs.LocalFileSystem()), os.path.realpath(parts.path)
+    if parts.scheme.lower() not in S3_SCHEMES:
+        raise ModelLocationError(
+            f"MODEL_DIR {shown}: unsupported scheme {parts.scheme!r}; use a local path, file:, "
+            "s3:// or s3a://"
+        )
+    if "@" in parts.netloc or parts.query or parts.fragment:
+        # Never in the URI, which is logged: the AWS SDK reads the environment and its files.
+        raise ModelLocationError(
+            f"MODEL_DIR {shown}: give only s3://bucket/prefix; credentials and options come from "
+            "the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, "
+            "AWS_ENDPOINT_URL)"
+        )
+    if not parts.netloc:
+        raise ModelLocationError(f"MODEL_DIR {shown}: no bucket")
+    path = (parts.netloc + parts.path).rstrip("/")
+    try:
+        fs, _ = pafs.FileSystem.from_uri(f"s3://{path}")
+    except OSError as err:
+        raise ModelStoreError(f"cannot open the object store for {shown}: {err}") from err
+    except pa.ArrowException as err:
+        raise ModelLocationError(f"MODEL_DIR {shown}: {err}") from err
+    return ModelStore(fs, parts.scheme.lower()), path
+
+
+def resolve_model_dir(store: ModelStore, path: str, shown: str | None = None) -> str:
+    """The version directory MODEL_DIR names now, resolved once per load.
+
+    A directory (a version, or a model copied by hand) is used as is; a file is a pointer written
+    by the train job's publish (on object storage, which has no symlinks): the UTF-8 text
+    ``.<name>.versions/<version>``, relative to the pointer's own folder. Local symlinks were
+    resolved by ``open_location`` already. ``shown``: MODEL_DIR as configured, for the messages.
+    """
+    info = store.info(path)
+    if info.type == pafs.FileType.Directory:
+        return path
+    if info.type != pafs.FileType.File:
+        raise ModelNotFoundError(
+            f"no model directory at {shown or store.uri(path)}: train one (make train) or set "
+            "MODEL_DIR"
+        )
+    if info.size is not None and info.size > POINTER_MAX_BYTES:
+        raise ModelFormatError(
+            f"{store.uri(path)} is a {info.size}-byte file, neither a model directory nor a "
+            "pointer to one"
+        )
+    target = _pointer_target(store, path, store.read_bytes(path)[: POINTER_MAX_BYTES + 1])
+    version = posixpath.join(posixpath.dirname(path), target)
+    if not store.is_dir(version):
+        raise ModelNotFoundError(
+            f"the pointer {store.uri(path)} names {target}, which is not at "
+            f"{store.uri(version)} (removed, or not published completely)"
+        )
+    return version
+
+
+def _pointer_target(store: ModelStore, path: str, content: bytes) -> str:
+    """The relative version path a pointer holds, checked: ``.<name>.versions/<one component>``."""
+    name = posixpath.basename(path)
+    expected = f".{name}.versions/<version>"
+    try:
+        text = content.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        text = None
+    if text is None or len(content) > POINTER_MAX_BYTES:
+        raise ModelFormatError(
+            f"{store.uri(path)} is not a model pointer (the UTF-8 text {expected})"
+        )
+    prefix = f".{name}.versions/"
+    version = text[len(prefix) :] if text.startswith(prefix) else ""
+    if not version or ".." in text or not re.fullmatch(r"[^/\\\x00-\x1f\x7f]+", version):
+        raise ModelFormatError(
+            f"{store.uri(path)} holds {text[:200]!r}, not a model pointer: expected {expected}, "
+            "a version directory beside it"
+        )
+    return text
+
+
+def _read_metadata(store: ModelStore, directory: str) -> dict[str, Any]:
     """Spark's ``DefaultParamsWriter`` metadata: one JSON line in ``directory/metadata/part-*``."""
-    parts = sorted((directory / "metadata").glob("part-*"))
+    metadata_dir = f"{directory}/metadata"
+    parts = [name for name in store.file_names(metadata_dir) if name.startswith("part-")]
     if not parts:
-        raise ModelFormatError(f"no metadata/part-* file in {directory}")
-    for part in parts:
-        for line in part.read_text(encoding="utf-8").splitlines():
+        raise ModelFormatError(f"no metadata/part-* file in {store.uri(directory)}")
+    for name in parts:
+        part = f"{metadata_dir}/{name}"
+        for line in store.read_bytes(part).decode("utf-8").splitlines():
             if line.strip():
                 try:
                     metadata = json.loads(line)
                 except ValueError as err:
-                    raise ModelFormatError(f"{part} is not JSON metadata: {err}") from err
+                    raise ModelFormatError(
+                        f"{store.uri(part)} is not JSON metadata: {err}"
+                    ) from err
                 if not isinstance(metadata, dict) or "class" not in metadata:
-                    raise ModelFormatError(f"{part} has no 'class' entry")
+                    raise ModelFormatError(f"{store.uri(part)} has no 'class' entry")
                 return metadata
-    raise ModelFormatError(f"the metadata files in {directory / 'metadata'} are empty")
+    raise ModelFormatError(f"the metadata files in {store.uri(metadata_dir)} are empty")
 
 
 def _params(metadata: dict[str, Any]) -> dict[str, Any]:
@@ -110,18 +308,9 @@ def _params(metadata: dict[str, Any]) -> dict[str, Any]:
     return {**metadata.get("defaultParamMap", {}), **metadata.get("paramMap", {})}
 
 
-def _expect_class(metadata: dict[str, Any], expected: str, where: Path) -> None:
+def _expect_class(metadata: dict[str, Any], expected: str, where: str) -> None:
     if metadata.get("class") != expected:
         raise ModelFormatError(f"{where}: expected a {expected}, found {metadata.get('class')!r}")
-
-
-def _read_parquet(directory: Path, columns: list[str]) -> pa.Table:
-    if not directory.is_dir():
-        raise ModelFormatError(f"missing {directory}")
-    try:
-        return pq.read_table(directory, columns=columns)
-    except (pa.ArrowException, OSError, KeyError) as err:
-        raise ModelFormatError(f"cannot read {directory} as Parquet with {columns}: {err}") from err
 
 
 def _iso_millis(millis: Any) -> str | None:
@@ -259,7 +448,7 @@ class VolumeStage:
 class ServingModel:
     """A loaded, validated model: exact Spark predictions plus what ``/model`` reports."""
 
-    path: Path
+    path: str  # the version directory read (a path, or an s3:// / s3a:// URI)
     forest: Forest
     grid: Grid | None  # tabulates volume_stage.cell_values of the forest's output
     volume_stage: VolumeStage
@@ -295,9 +484,10 @@ class ServingModel:
         return self.volume_stage.apply_one(vol_moving_avg, cell)
 
 
-def _load_forest(stage_dir: Path, num_trees: int, num_features: int) -> Forest:
+def _load_forest(store: ModelStore, stage_path: str, num_trees: int, num_features: int) -> Forest:
     """Read ``data/`` (a row per node) and ``treesMetadata/``; check the trees are well formed."""
-    meta = _read_parquet(stage_dir / "treesMetadata", ["_1", "_2", "_3"]).sort_by("_1")
+    stage_dir = store.uri(stage_path)
+    meta = store.read_parquet(f"{stage_path}/treesMetadata", ["_1", "_2", "_3"]).sort_by("_1")
     tree_ids = meta.column("_1").to_numpy()
     if tree_ids.size != num_trees or not np.array_equal(tree_ids, np.arange(num_trees)):
         raise ModelFormatError(
@@ -314,7 +504,7 @@ def _load_forest(stage_dir: Path, num_trees: int, num_features: int) -> Forest:
                 f"tree {tree} in {stage_dir} is a {tree_class!r}, not {TREE_CLASS}"
             )
 
-    nodes = _read_parquet(stage_dir / "data", ["treeID", "nodeData"])
+    nodes = store.read_parquet(f"{stage_path}/data", ["treeID", "nodeData"])
     try:
         node = nodes.column("nodeData").combine_chunks()
         split = node.field("split")
@@ -400,52 +590,55 @@ def _load_forest(stage_dir: Path, num_trees: int, num_features: int) -> Forest:
     )
 
 
-def _stage_dirs(path: Path, stage_uids: list[str]) -> list[Path]:
+def _stage_dirs(store: ModelStore, path: str, stage_uids: list[str]) -> list[str]:
     """``stages/<index>_<uid>``, as Spark's ``PipelineModel`` writer names them."""
-    dirs = [path / "stages" / f"{index}_{uid}" for index, uid in enumerate(stage_uids)]
+    dirs = [f"{path}/stages/{index}_{uid}" for index, uid in enumerate(stage_uids)]
     for directory in dirs:
-        if not directory.is_dir():
+        if not store.is_dir(directory):
             raise ModelFormatError(
-                f"the pipeline metadata names a stage missing on disk: {directory}"
+                f"the pipeline metadata names a stage missing in the model: {store.uri(directory)}"
             )
     return dirs
 
 
 def load_model(
-    path: str | os.PathLike[str], max_grid_cells: int = DEFAULT_MAX_GRID_CELLS
+    location: str | os.PathLike[str], max_grid_cells: int = DEFAULT_MAX_GRID_CELLS
 ) -> ServingModel:
-    """Read and validate the PipelineModel directory at ``path``; ``ModelError`` if unusable."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelNotFoundError(
-            f"no model directory at {path}: train one (make train) or set MODEL_DIR"
-        )
-    # Resolve the symlink once: the train job may swap it while we read, and every file must come
-    # from the same version (it keeps the previous version on disk for such readers).
-    resolved = path.resolve()
+    """Read and validate the PipelineModel at ``location``; ``ModelError`` if unusable.
+
+    ``location`` is a local path or an ``s3://``/``s3a://`` URI (``open_location``). It is resolved
+    once (a symlink, or a pointer file on object storage: ``resolve_model_dir``): the train job may
+    publish a new version while we read, and every file must come from the same version (it keeps
+    the previous version for such readers).
+    """
+    store, path = open_location(location)
+    shown = display_location(location)
+    resolved = resolve_model_dir(store, path, shown)
     try:
-        model = _load(resolved, max_grid_cells)
+        model = _load(store, resolved, max_grid_cells)
     except ModelError:
         raise
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
         # Anything else unexpected in the files: still a refusal that names the directory.
-        raise ModelFormatError(f"cannot read the model in {resolved}: {err!r}") from err
-    model.info["model_dir"] = str(path)
+        raise ModelFormatError(f"cannot read the model in {store.uri(resolved)}: {err!r}") from err
+    model.info["model_dir"] = shown
     return model
 
 
-def _load(path: Path, max_grid_cells: int) -> ServingModel:
-    pipeline = _read_metadata(path)
-    _expect_class(pipeline, PIPELINE_CLASS, path / "metadata")
+def _load(store: ModelStore, path: str, max_grid_cells: int) -> ServingModel:
+    where = store.uri(path)
+    pipeline = _read_metadata(store, path)
+    _expect_class(pipeline, PIPELINE_CLASS, f"{where}/metadata")
     stage_uids = _params(pipeline).get("stageUids")
     if not isinstance(stage_uids, list) or len(stage_uids) not in (2, 3):
         raise ModelFormatError(
-            f"{path}: expected the stages VectorAssembler, RandomForestRegressionModel and "
+            f"{where}: expected the stages VectorAssembler, RandomForestRegressionModel and "
             f"SQLTransformer (or the first two), found {stage_uids!r}"
         )
-    assembler_dir, forest_dir, *volume_dirs = _stage_dirs(path, stage_uids)
+    assembler_path, forest_path, *volume_paths = _stage_dirs(store, path, stage_uids)
+    assembler_dir, forest_dir = store.uri(assembler_path), store.uri(forest_path)
 
-    assembler = _read_metadata(assembler_dir)
+    assembler = _read_metadata(store, assembler_path)
     _expect_class(assembler, ASSEMBLER_CLASS, assembler_dir)
     assembler_params = _params(assembler)
     if list(assembler_params.get("inputCols", [])) != list(FEATURES):
@@ -454,7 +647,7 @@ def _load(path: Path, max_grid_cells: int) -> ServingModel:
             f"found {assembler_params.get('inputCols')!r}"
         )
 
-    forest_meta = _read_metadata(forest_dir)
+    forest_meta = _read_metadata(store, forest_path)
     _expect_class(forest_meta, FOREST_CLASS, forest_dir)
     forest_params = _params(forest_meta)
     if forest_params.get("featuresCol", "features") != assembler_params.get("outputCol"):
@@ -467,18 +660,20 @@ def _load(path: Path, max_grid_cells: int) -> ServingModel:
         raise ModelFormatError(f"{forest_dir}: numFeatures is {num_features!r}, expected 2")
     if not isinstance(num_trees, int) or num_trees < 1:
         raise ModelFormatError(f"{forest_dir}: numTrees is {num_trees!r}")
-    volume_metas = [_read_metadata(directory) for directory in volume_dirs]
+    volume_metas = [_read_metadata(store, directory) for directory in volume_paths]
     volume_stage = _volume_stage(
-        volume_dirs, volume_metas, forest_params.get("predictionCol", PREDICTION)
+        [store.uri(directory) for directory in volume_paths],
+        volume_metas,
+        forest_params.get("predictionCol", PREDICTION),
     )
 
-    forest = _load_forest(forest_dir, num_trees, num_features)
+    forest = _load_forest(store, forest_path, num_trees, num_features)
     cells = math.prod(thresholds.size + 1 for thresholds in forest.split_thresholds())
     grid = Grid.build(forest, volume_stage) if cells <= max_grid_cells else None
 
     info: dict[str, Any] = {
-        "model_dir": str(path),
-        "resolved_dir": str(path),
+        "model_dir": where,
+        "resolved_dir": where,
         "loaded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "trained_at": _iso_millis(pipeline.get("timestamp")),
         "spark_version": pipeline.get("sparkVersion"),
@@ -499,13 +694,13 @@ def _load(path: Path, max_grid_cells: int) -> ServingModel:
             "evaluator": "grid" if grid is not None else "walk",
             "grid_cells": cells,
         },
-        **_read_metrics(path),
+        **_read_metrics(store, path),
     }
-    return ServingModel(path=path, forest=forest, grid=grid, volume_stage=volume_stage, info=info)
+    return ServingModel(path=where, forest=forest, grid=grid, volume_stage=volume_stage, info=info)
 
 
 def _volume_stage(
-    directories: list[Path], metadata: list[dict[str, Any]], forest_output: str
+    directories: list[str], metadata: list[dict[str, Any]], forest_output: str
 ) -> VolumeStage:
     """The stage after the forest: none (the forest predicts the volume) or a known statement."""
     if not directories:
@@ -527,14 +722,14 @@ def _volume_stage(
     return VolumeStage(target=target)
 
 
-def _read_metrics(path: Path) -> dict[str, Any]:
+def _read_metrics(store: ModelStore, path: str) -> dict[str, Any]:
     """``metrics.json`` as the train job wrote it, plus where the training data came from.
 
     The file is optional: a model without it is still served, and ``/model`` says why it is absent.
     """
-    metrics_path = path / METRICS_FILE
+    metrics_path = store.uri(f"{path}/{METRICS_FILE}")
     try:
-        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+        metrics = json.loads(store.read_bytes(f"{path}/{METRICS_FILE}").decode("utf-8"))
     except FileNotFoundError:
         return _no_metrics(f"{metrics_path} not found")
     except (OSError, ValueError) as err:
@@ -561,12 +756,16 @@ def _training_data(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m serving.forest DIR``: check a model directory before pointing a server at it."""
+    """``python -m serving.forest DIR``: check a model (a directory, a pointer, an s3:// or s3a://
+    URI) before pointing a server at it."""
     import argparse
     import sys
 
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("model_dir", help="a Spark PipelineModel directory (or a symlink to one)")
+    parser.add_argument(
+        "model_dir",
+        help="a PipelineModel directory, a symlink or pointer to one, or an s3:// or s3a:// URI",
+    )
     args = parser.parse_args(argv)
     try:
         model = load_model(args.model_dir)

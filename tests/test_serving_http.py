@@ -63,7 +63,7 @@ def request(url: str, data: bytes | None = None, method: str | None = None) -> t
 
 @contextmanager
 def gunicorn(
-    model_dir: Path, log: Path, workers: int = 2, pidfile: Path | None = None, **settings: str
+    model_dir: Path | str, log: Path, workers: int = 2, pidfile: Path | None = None, **settings: str
 ) -> Iterator[Server]:
     """gunicorn with the project's config on a free loopback port; stopped (SIGTERM) on exit,
     together with any master a USR2 started (found through the pid file). ``settings`` are more

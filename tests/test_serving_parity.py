@@ -340,8 +340,8 @@ def test_a_symlink_swapped_during_loading_still_yields_one_whole_version(
     link.symlink_to(model_dirs[2])
     read_metadata = serving.forest._read_metadata
 
-    def swap_after_first_read(directory: Path) -> dict:
-        metadata = read_metadata(directory)
+    def swap_after_first_read(store: serving.forest.ModelStore, directory: str) -> dict:
+        metadata = read_metadata(store, directory)
         if link.resolve() == model_dirs[2].resolve():
             staged = tmp_path / ".model.new"
             staged.symlink_to(model_dirs[8])
