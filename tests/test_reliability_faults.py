@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -93,7 +94,8 @@ def kill_mid_write(
 ) -> Killed:
     """Run ``jobs/<job>.py`` under spark-submit (``conf``: more of its flags); SIGKILL its
     process group once ``writing()``."""
-    log = Path(config.data_dir).parent / f"{job}-killed.log"
+    logs = Path(config.data_dir).parent if config.data_dir.is_local else Path(tempfile.mkdtemp())
+    log = logs / f"{job}-killed.log"
     command = [
         str(SPARK_SUBMIT),
         "--properties-file",
