@@ -265,8 +265,8 @@ def files_for(spark: SparkSession, path: Path, rows: list) -> tuple[TableWrite, 
 @pytest.mark.parametrize(
     ("other", "message"),
     [
-        ([KEYED_ROWS[0]], r"committed while this job wrote version \d+ \+ 1: nothing"),
-        ([("A", 1.0, 1)], "the table's columns changed"),
+        ([KEYED_ROWS[0]], r"another run committed .*\(version \d+, planned on \d+\); nothing"),
+        ([("A", 1.0, 1)], r"planned on \d+, other columns\); nothing"),
     ],
 )
 def test_a_commit_by_another_job_during_the_write_is_refused(
@@ -375,3 +375,28 @@ def test_a_task_attempt_that_ends_after_publish_adds_no_rows(
     assert sum(pq.read_metadata(f).num_rows for f in source.files) == len(KEYED_ROWS)
     defaults = read_spark_defaults(Path(__file__).parents[1] / "spark-defaults.conf")
     assert defaults["spark.speculation"] == "false"
+
+
+def test_a_conflict_found_by_delta_itself_is_one_line(spark: SparkSession, tmp_path: Path) -> None:
+    """A transaction that read the table, then a commit by another writer, then its own commit:
+    Delta's own conflict check raises ConcurrentAppendException (a py4j traceback), which a job
+    reports as one line saying what happened and what to do."""
+    path = tmp_path / "t"
+    write_table(spark.createDataFrame([("A", 1.0, 1)], SCHEMA), path, "delta")
+    location = storage.Location.parse(path)
+    transaction = storage._delta_log(spark, location).startTransaction()
+    transaction.filterFiles()  # this transaction read every file of the table
+    spark.createDataFrame([("B", 2.0, 2)], SCHEMA).write.format("delta").mode("append").save(
+        str(path)
+    )
+    jvm = spark._jvm
+    operation = getattr(jvm.org.apache.spark.sql.delta, "DeltaOperations$Write")(
+        jvm.org.apache.spark.sql.SaveMode.Overwrite, *[jvm.scala.Option.apply(None)] * 8
+    )
+    empty = jvm.scala.jdk.javaapi.CollectionConverters.asScala(jvm.java.util.ArrayList()).toSeq()
+    with pytest.raises(ConcurrentWriteError) as raised, storage._conflicts_as_one_line(location):
+        transaction.commit(empty, operation)
+    message = str(raised.value)
+    assert "\n" not in message and "ConcurrentAppendException" in message
+    assert message.startswith(f"{path}: another run committed to this table")
+    assert message.endswith("wait for the other run to finish, then rerun")

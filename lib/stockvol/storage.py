@@ -67,11 +67,16 @@ def _conflicts_as_one_line(path: Location) -> Iterator[None]:
         found = _CONFLICT.search(str(err))
         if found is None:
             raise
-        raise ConcurrentWriteError(
-            f"{path}: another run committed to this table while this job wrote it "
-            f"({found.group(1)}); nothing was committed by this job. Delta allows one writer "
-            "per table at a time: wait for the other run to finish, then rerun"
-        ) from None
+        raise ConcurrentWriteError(_another_writer(path, found.group(1))) from None
+
+
+def _another_writer(path: Location, what: str) -> str:
+    """The one line a job dies with when another writer committed to its Delta table."""
+    return (
+        f"{path}: another run committed to this table while this job wrote it ({what}); "
+        "nothing was committed by this job. Delta allows one writer per table at a time: "
+        "wait for the other run to finish, then rerun"
+    )
 
 
 def _check_format(storage_format: str) -> None:
@@ -450,11 +455,9 @@ def _commit_files(spark: SparkSession, target: TableWrite, files: list[Location]
     if int(transaction.readVersion()) != target.read_version:
         # A Delta write plans and commits in one transaction; here the tasks ran in between.
         changed = [_physical_name(f) for f in fields] != target.file_schema.names
+        what = f"version {transaction.readVersion()}, planned on {target.read_version}"
         raise ConcurrentWriteError(
-            f"{target.path}: version {transaction.readVersion()} was committed while this job "
-            f"wrote version {target.read_version} + 1"
-            + ("; the table's columns changed" if changed else "")
-            + ": nothing was committed, rerun the job"
+            _another_writer(target.path, what + (", other columns" if changed else ""))
         )
     to_scala = jvm.scala.jdk.javaapi.CollectionConverters
     actions = jvm.java.util.ArrayList()
