@@ -239,6 +239,58 @@ def test_pipeline_runs_on_the_cluster_and_writes_tables_and_model(
     assert len(predictions) == 50 and np.isfinite(predictions).all()
 
 
+def test_the_pipeline_on_the_cluster_with_the_data_in_a_bucket_equals_a_local_run(
+    cluster: StandaloneCluster, spark: SparkSession, s3_bucket: str, tmp_path: Path
+) -> None:
+    """Driver, executors and the download step all read and write ``s3a://`` (a real S3 server on
+    loopback; the worker has the AWS_* variables in its environment, as compose's s3.env gives
+    them): the tables and the model's metrics equal those of the same run in local mode on disk."""
+    from stockvol import features, ingest, train
+    from stockvol.acquire import acquire
+    from stockvol.config import load_config
+    from stockvol.location import resolve
+    from stockvol.storage import read_table
+    from tests.s3server import SPARK_TEST_CONF
+
+    config_file = tmp_path / "pipeline.yaml"
+    settings = yaml.safe_load((PROJECT_ROOT / "conf" / "pipeline.yaml").read_text())
+    settings["dataset"]["sample_symbols"] = 6
+    settings["model"].update(num_trees=10, max_depth=4)
+    config_file.write_text(yaml.safe_dump(settings))
+    data_dir = f"{s3_bucket}/run"
+    # The test server's S3A setting, as a system property spark-submit's SparkConf picks up.
+    test_conf = " ".join(f"-D{key}={value}" for key, value in SPARK_TEST_CONF.items())
+    output = submit(
+        cluster,
+        "pipeline.sh",
+        STOCKVOL_DATA_DIR=data_dir,
+        STOCKVOL_SOURCE="sample",
+        STOCKVOL_CONFIG=str(config_file),
+        SPARK_SUBMIT_OPTS=test_conf,
+    )
+    assert "[pipeline] stages=4" in output, output[-4000:]
+
+    remote = load_config(config_file, data_dir=data_dir)
+    local = load_config(config_file, data_dir=tmp_path / "local")
+    acquire(local, source="sample")
+    for stage in (ingest.run, features.run, train.run):
+        stage(spark, local)
+    for table in ("prices_path", "rejects_path", "features_path"):
+        frames = [read_table(spark, getattr(c, table), "delta") for c in (remote, local)]
+        got, expected = (f.orderBy(*f.columns).toPandas() for f in frames)
+        pd.testing.assert_frame_equal(got, expected, check_exact=True)
+    run_specific = ("lineage", "started_at", "finished_at", "durations_seconds")
+    got, expected = (
+        {k: v for k, v in json.loads((resolve(c.model_dir) / "metrics.json").read_text()).items()
+         if k not in run_specific}
+        for c in (remote, local)
+    )  # fmt: skip
+    assert got == expected
+    lineage = json.loads((resolve(remote.model_dir) / "metrics.json").read_text())["lineage"]
+    assert lineage["spark_master"] == cluster.master_url
+    assert lineage["features_path"] == f"{data_dir}/lake/features"
+
+
 def test_pipeline_job_takes_the_common_and_the_train_flags() -> None:
     result = subprocess.run(  # noqa: S603
         [sys.executable, str(PROJECT_ROOT / "jobs" / "pipeline.py"), "--help"],

@@ -39,7 +39,7 @@ from pyspark.ml import PipelineModel
 from pyspark.sql import SparkSession
 
 from serving.forest import load_model
-from stockvol import features, ingest, train
+from stockvol import features, ingest, retention, train
 from stockvol.config import Config, load_config
 from stockvol.location import Location
 from stockvol.sample import generate_sample
@@ -489,7 +489,11 @@ def test_killing_train_mid_export_keeps_the_previous_model(
     after = snapshot_model(spark, Path(config.model_dir))
     assert after.spark_predictions == expected.spark_predictions
     assert after.served_predictions == expected.served_predictions
-    # Only the new version and the previous one remain: the killed run's debris is gone.
-    assert len(list(versions_dir(Path(config.model_dir)).iterdir())) == 2
+    # The killed run's debris and the replaced model stay until retention; at 0 hours only the
+    # current version remains.
+    retention.apply(spark, [("model", config.model_dir)], hours=0)
+    assert list(versions_dir(Path(config.model_dir)).iterdir()) == [
+        Path(config.model_dir).resolve()
+    ]
     FIGURES["train_model"] += 1
     FIGURES["survived"] += 1

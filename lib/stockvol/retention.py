@@ -38,8 +38,9 @@ _RETENTION_PROPERTY = "delta.deletedFileRetentionDuration"
 _LISTING_PARALLELISM = "spark.sql.sources.parallelPartitionDiscovery.parallelism"
 _TASKS_SUFFIX = ".tasks"
 
-# What each stage replaces: the names ``apply`` takes.
-TARGETS = ("prices", "rejects", "features", "model")
+# What each stage replaces: the names ``apply`` takes. ``raw`` has versions on object storage only
+# (acquire uploads a new version there; on local disk it renames a folder into place).
+TARGETS = ("raw", "prices", "rejects", "features", "model")
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,7 @@ def apply(
 
 def _target_locations(config: Config, names: Iterable[str]) -> list[tuple[str, Location]]:
     paths = {
+        "raw": config.raw_dir,
         "prices": config.prices_path,
         "rejects": config.rejects_path,
         "features": config.features_path,
