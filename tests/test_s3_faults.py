@@ -38,7 +38,7 @@ from tests.test_reliability_faults import (
     with_prices,
 )
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.object_store]
 
 
 def listing(location: Location) -> list[pafs.FileInfo]:

@@ -29,6 +29,8 @@ MODEL = {"num_trees": 10, "max_depth": 4}
 # What differs between two runs of the same data by design: where, when, how long.
 RUN_SPECIFIC = ("lineage", "started_at", "finished_at", "durations_seconds")
 
+pytestmark = pytest.mark.object_store
+
 
 def run_pipeline(spark: SparkSession, data_dir: str | Path, storage_format: str) -> Config:
     config = load_config(data_dir=data_dir, storage_format=storage_format, **MODEL)

@@ -440,13 +440,13 @@ def test_export_publishes_each_version_and_leaves_old_ones_to_retention(
     model_dir = tmp_path / "model"
     model_dir.mkdir()  # a plain directory from before models were versioned
     (model_dir / METRICS_FILE).write_text('{"run": 0}')
-    newest = export_model(model, {"run": 1}, b"png", model_dir)
+    newest = Path(export_model(model, {"run": 1}, b"png", model_dir))
     assert model_dir.is_symlink() and model_dir.resolve() == newest
     legacy = set(versions_dir(model_dir).iterdir()) - {newest}
     assert [json.loads((p / METRICS_FILE).read_text()) for p in legacy] == [{"run": 0}]
     for run_number in (2, 3):
         previous = model_dir.resolve()
-        newest = export_model(model, {"run": run_number}, b"png", model_dir)
+        newest = Path(export_model(model, {"run": run_number}, b"png", model_dir))
         assert model_dir.is_symlink() and model_dir.resolve() == newest
         assert json.loads((model_dir / METRICS_FILE).read_text()) == {"run": run_number}
         assert {newest, previous} <= set(versions_dir(model_dir).iterdir())
