@@ -20,13 +20,13 @@ import pytest
 from pandas.testing import assert_frame_equal
 from pyspark.ml import PipelineModel
 from pyspark.sql import SparkSession
-from tests.s3server import spark_submit_conf
 
 from serving.forest import load_model
 from stockvol import features, train
 from stockvol.config import Config, load_config
 from stockvol.location import Location, current_version, resolve, versions_dir
 from stockvol.storage import delta_version
+from tests.s3server import spark_submit_conf
 from tests.test_reliability_faults import (
     FIGURES,  # noqa: F401 (conftest.report_figures prints this module's counter)
     FIGURES_TITLE,  # noqa: F401

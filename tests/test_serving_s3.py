@@ -19,16 +19,17 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 from flask import Flask
-from pyspark.sql import SparkSession
-from test_serving_http import (
+from test_serving_http import (  # noqa: F401 (model_dirs, probes, spark_says: its fixtures)
     ROOT,
     START_TIMEOUT,
     WITHOUT_SPARK,
     Server,
     gunicorn,
+    model_dirs,
     predict_all,
+    probes,
+    spark_says,
 )
-from test_serving_parity import spark_model_dirs, spark_predictions
 
 import serving.forest
 from serving.app import create_app, reload_model
@@ -36,28 +37,6 @@ from serving.forest import FEATURES, ModelStoreError, load_model
 from stockvol.location import Location, new_version, publish_version
 
 VMA, MED = FEATURES
-
-
-@pytest.fixture(scope="module")
-def model_dirs(spark: SparkSession, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
-    return spark_model_dirs(spark, tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="module")
-def probes() -> np.ndarray:
-    rng = np.random.default_rng(23)
-    return np.column_stack([rng.lognormal(13, 2, 30), rng.lognormal(3.5, 1.5, 30)])
-
-
-@pytest.fixture(scope="module")
-def spark_says(
-    spark: SparkSession, model_dirs: dict[int, Path], probes: np.ndarray
-) -> dict[int, list[int]]:
-    """depth -> Spark's predictions on the probes, rounded as the API rounds (the oracle)."""
-    return {
-        depth: np.rint(spark_predictions(spark, model_dirs[depth], probes)).astype(int).tolist()
-        for depth in (2, 8)
-    }
 
 
 def upload(model_dir: Path, target: Location) -> None:
