@@ -285,10 +285,32 @@ def test_the_pipeline_on_the_cluster_with_the_data_in_a_bucket_equals_a_local_ru
          if k not in run_specific}
         for c in (remote, local)
     )  # fmt: skip
-    assert got == expected
+    # The executors' partial sums reach the driver in whatever order they finish, so the model's
+    # floating-point statistics may differ from local mode's in the last bits; nothing more.
+    got, expected = flat(got), flat(expected)
+    assert got.keys() == expected.keys()
+    numbers = [key for key, value in expected.items() if isinstance(value, float)]
+    for key in numbers:
+        assert got[key] == pytest.approx(expected[key], rel=1e-9, abs=1e-9), key
+    assert {k: v for k, v in got.items() if k not in numbers} == {
+        k: v for k, v in expected.items() if k not in numbers
+    }
     lineage = json.loads((resolve(remote.model_dir) / "metrics.json").read_text())["lineage"]
     assert lineage["spark_master"] == cluster.master_url
     assert lineage["features_path"] == f"{data_dir}/lake/features"
+
+
+def flat(value: object, prefix: str = "") -> dict[str, object]:
+    """Nested metrics as one mapping of dotted keys to leaves (numbers, strings, None)."""
+    if isinstance(value, dict):
+        return {
+            k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}.").items()
+        }
+    if isinstance(value, list):
+        return {
+            k: v for i, item in enumerate(value) for k, v in flat(item, f"{prefix}{i}.").items()
+        }
+    return {prefix.rstrip("."): value}
 
 
 def test_pipeline_job_takes_the_common_and_the_train_flags() -> None:
