@@ -265,8 +265,11 @@ def files_for(spark: SparkSession, path: Path, rows: list) -> tuple[TableWrite, 
 @pytest.mark.parametrize(
     ("other", "message"),
     [
-        ([KEYED_ROWS[0]], r"another run committed .*\(version \d+, planned on \d+\); nothing"),
-        ([("A", 1.0, 1)], r"planned on \d+, other columns\); nothing"),
+        (
+            [KEYED_ROWS[0]],
+            r"another run committed .*\(version \d+, planned on \d+\); this job committed nothing",
+        ),
+        ([("A", 1.0, 1)], r"planned on \d+, other columns\); this job committed nothing"),
     ],
 )
 def test_a_commit_by_another_job_during_the_write_is_refused(
@@ -385,7 +388,11 @@ def test_a_conflict_found_by_delta_itself_is_one_line(spark: SparkSession, tmp_p
     write_table(spark.createDataFrame([("A", 1.0, 1)], SCHEMA), path, "delta")
     location = storage.Location.parse(path)
     transaction = storage._delta_log(spark, location).startTransaction()
-    transaction.filterFiles()  # this transaction read every file of the table
+    to_scala = spark._jvm.scala.jdk.javaapi.CollectionConverters
+    read = to_scala.asJava(transaction.filterFiles())  # this transaction read every file
+    removes = spark._jvm.java.util.ArrayList()
+    for i in range(read.size()):  # and replaces them, as an overwrite does
+        removes.add(read.get(i).remove())
     spark.createDataFrame([("B", 2.0, 2)], SCHEMA).write.format("delta").mode("append").save(
         str(path)
     )
@@ -393,9 +400,9 @@ def test_a_conflict_found_by_delta_itself_is_one_line(spark: SparkSession, tmp_p
     operation = getattr(jvm.org.apache.spark.sql.delta, "DeltaOperations$Write")(
         jvm.org.apache.spark.sql.SaveMode.Overwrite, *[jvm.scala.Option.apply(None)] * 8
     )
-    empty = jvm.scala.jdk.javaapi.CollectionConverters.asScala(jvm.java.util.ArrayList()).toSeq()
+    actions = to_scala.asScala(removes).toSeq()
     with pytest.raises(ConcurrentWriteError) as raised, storage._conflicts_as_one_line(location):
-        transaction.commit(empty, operation)
+        transaction.commit(actions, operation)
     message = str(raised.value)
     assert "\n" not in message and "ConcurrentAppendException" in message
     assert message.startswith(f"{path}: another run committed to this table")

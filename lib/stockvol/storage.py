@@ -74,7 +74,7 @@ def _another_writer(path: Location, what: str) -> str:
     """The one line a job dies with when another writer committed to its Delta table."""
     return (
         f"{path}: another run committed to this table while this job wrote it ({what}); "
-        "nothing was committed by this job. Delta allows one writer per table at a time: "
+        "this job committed nothing to it. Delta allows one writer per table at a time: "
         "wait for the other run to finish, then rerun"
     )
 
