@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -384,6 +385,9 @@ def test_a_conflict_found_by_delta_itself_is_one_line(spark: SparkSession, tmp_p
     """A transaction that read the table, then a commit by another writer, then its own commit:
     Delta's own conflict check raises ConcurrentAppendException (a py4j traceback), which a job
     reports as one line saying what happened and what to do."""
+    # As in a job once its retention stage has run: the delta package registers its exception
+    # types with PySpark, whose text no longer names the Java class.
+    importlib.import_module("delta.exceptions")
     path = tmp_path / "t"
     write_table(spark.createDataFrame([("A", 1.0, 1)], SCHEMA), path, "delta")
     location = storage.Location.parse(path)
@@ -407,3 +411,11 @@ def test_a_conflict_found_by_delta_itself_is_one_line(spark: SparkSession, tmp_p
     assert "\n" not in message and "ConcurrentAppendException" in message
     assert message.startswith(f"{path}: another run committed to this table")
     assert message.endswith("wait for the other run to finish, then rerun")
+
+
+def test_a_conflict_is_recognised_by_its_java_class_in_a_py4j_traceback() -> None:
+    """Before the delta package is imported, the conflict arrives as py4j's error, whose text
+    holds the Java traceback (as two ingests started 2 s apart produced)."""
+    trace = "py4j.protocol.Py4JJavaError: ...\n: io.delta.exceptions.ConcurrentAppendException: x"
+    assert storage._conflict(RuntimeError(trace)) == "ConcurrentAppendException"
+    assert storage._conflict(RuntimeError("java.io.IOException: disk full")) is None

@@ -53,8 +53,20 @@ class ConcurrentWriteError(PipelineError):
 # Delta's conflict exceptions (ConcurrentAppendException, ConcurrentDeleteReadException, ...,
 # MetadataChangedException, ProtocolChangedException): another writer committed first.
 _CONFLICT = re.compile(
-    r"\b(Concurrent\w+Exception|MetadataChangedException|ProtocolChangedException)"
+    r"\b(Concurrent\w+Exception|MetadataChangedException|ProtocolChangedException)\b"
 )
+
+
+def _conflict(err: Exception) -> str | None:
+    """The name of Delta's conflict exception that ``err`` is, or None. It reaches Python as a
+    py4j error whose text names the Java class, or, once the ``delta`` package has been imported
+    (it registers its exception types with PySpark), as ``delta.exceptions.<that class>`` whose
+    text does not."""
+    for text in (type(err).__name__, str(err)):
+        found = _CONFLICT.search(text)
+        if found:
+            return found.group(1)
+    return None
 
 
 @contextmanager
@@ -64,10 +76,10 @@ def _conflicts_as_one_line(path: Location) -> Iterator[None]:
     try:
         yield
     except Exception as err:  # py4j's or PySpark's wrapper of the JVM exception
-        found = _CONFLICT.search(str(err))
-        if found is None:
+        name = _conflict(err)
+        if name is None:
             raise
-        raise ConcurrentWriteError(_another_writer(path, found.group(1))) from None
+        raise ConcurrentWriteError(_another_writer(path, name)) from None
 
 
 def _another_writer(path: Location, what: str) -> str:
