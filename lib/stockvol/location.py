@@ -19,7 +19,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 import pyarrow.fs as pafs
 
@@ -270,8 +270,3 @@ def is_published(link: Location) -> bool:
     """True when ``link`` points to a version that exists."""
     version = current_version(link)
     return version is not None and version.is_dir()
-
-
-def local_path(location: Location) -> Path:
-    """The local path of a location, for code that only works on local disk."""
-    return Path(os.fspath(location))
