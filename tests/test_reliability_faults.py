@@ -358,8 +358,11 @@ def test_killing_ingest_mid_write_keeps_the_previous_tables(
     FIGURES["survived"] += 1
 
 
-def committed_one_not_the_other(first: Path, second: Path) -> Callable[[], bool]:
+def committed_one_not_the_other(
+    first: Path | Location, second: Path | Location
+) -> Callable[[], bool]:
     """True once Delta table ``first`` has a new commit while ``second`` has none yet."""
+    first, second = Path(first), Path(second)
     first_log = set((first / "_delta_log").glob("*.json"))
     second_log = set((second / "_delta_log").glob("*.json"))
 
