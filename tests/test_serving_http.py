@@ -339,11 +339,12 @@ print(json.dumps({"status": response.status_code, "body": response.get_json(),
 """
 
 
-def test_serving_runs_without_pyspark_or_the_pipeline_package(model_dirs: dict[int, Path]) -> None:
+def assert_served_without_spark(model_dir: str) -> None:
+    """``WITHOUT_SPARK`` in a fresh interpreter: a prediction with pyspark and stockvol unloaded."""
     result = subprocess.run(
         [sys.executable, "-c", WITHOUT_SPARK],
         cwd=ROOT,
-        env={**os.environ, "MODEL_DIR": str(model_dirs[5])},
+        env={**os.environ, "MODEL_DIR": model_dir},
         capture_output=True,
         text=True,
         timeout=120,
@@ -353,6 +354,10 @@ def test_serving_runs_without_pyspark_or_the_pipeline_package(model_dirs: dict[i
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
     assert outcome["status"] == 200 and outcome["loaded"] == []
     assert isinstance(outcome["body"]["predicted_volume"], int)
+
+
+def test_serving_runs_without_pyspark_or_the_pipeline_package(model_dirs: dict[int, Path]) -> None:
+    assert_served_without_spark(str(model_dirs[5]))
 
 
 def test_no_serving_module_imports_pyspark_or_the_pipeline() -> None:

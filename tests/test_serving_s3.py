@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,6 +21,7 @@ from test_serving_http import (  # noqa: F401 (model_dirs, probes, spark_says: i
     START_TIMEOUT,
     WITHOUT_SPARK,
     Server,
+    assert_served_without_spark,
     gunicorn,
     model_dirs,
     predict_all,
@@ -202,16 +200,4 @@ def test_serving_reads_object_storage_without_pyspark_or_the_pipeline_package(
 ) -> None:
     link = Location.parse(f"{s3_bucket}/prod/model")
     publish(link, model_dirs[5])
-    result = subprocess.run(
-        [sys.executable, "-c", WITHOUT_SPARK],
-        cwd=ROOT,
-        env={**os.environ, "MODEL_DIR": str(link)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    outcome = json.loads(result.stdout.strip().splitlines()[-1])
-    assert outcome["status"] == 200 and outcome["loaded"] == []
-    assert isinstance(outcome["body"]["predicted_volume"], int)
+    assert_served_without_spark(str(link))
