@@ -28,6 +28,7 @@ from pyspark.sql import SparkSession
 
 from stockvol.config import Config
 from stockvol.location import Location, current_version, version_time, versions_dir
+from stockvol.storage import TASKS_SUFFIX
 from stockvol.summary import StageSummary
 
 log = logging.getLogger("stockvol")
@@ -36,7 +37,6 @@ log = logging.getLogger("stockvol")
 DELTA_DEFAULT_HOURS = 168.0
 _RETENTION_PROPERTY = "delta.deletedFileRetentionDuration"
 _LISTING_PARALLELISM = "spark.sql.sources.parallelPartitionDiscovery.parallelism"
-_TASKS_SUFFIX = ".tasks"
 
 # What each stage replaces: the names ``apply`` takes. ``raw`` has versions on object storage only
 # (acquire uploads a new version there; on local disk it renames a folder into place).
@@ -136,7 +136,7 @@ def vacuum_delta(spark: SparkSession, table: Location, hours: float) -> Removed:
 def _started(entry: pafs.FileInfo, location: Location) -> datetime | None:
     """When a version (or its ``.tasks`` directory) was started: from its name, else (a name
     not ours, local disk only) its modification time; None when neither is known."""
-    base = Location(location.uri.removesuffix(_TASKS_SUFFIX))
+    base = Location(location.uri.removesuffix(TASKS_SUFFIX))
     started = version_time(base)
     if started is None and entry.mtime is not None and location.is_local:
         started = entry.mtime if entry.mtime.tzinfo else entry.mtime.replace(tzinfo=timezone.utc)
@@ -153,7 +153,7 @@ def expired_versions(link: Location, hours: float, now: datetime) -> list[Locati
     bound = now - timedelta(hours=hours)
     dated = sorted(
         (
-            (started, entry.base_name.removesuffix(_TASKS_SUFFIX), location)
+            (started, entry.base_name.removesuffix(TASKS_SUFFIX), location)
             for entry, location in entries
             if (started := _started(entry, location)) is not None
         ),
@@ -172,7 +172,7 @@ def expired_versions(link: Location, hours: float, now: datetime) -> list[Locati
     starts = sorted({(started, base) for started, base, _ in dated})
     for started, base, location in dated:
         if base == current.name:
-            if location.name.endswith(_TASKS_SUFFIX) and started < bound:
+            if location.name.endswith(TASKS_SUFFIX) and started < bound:
                 expired.append(location)  # late task attempts' files: not part of the table
             continue
         if (started, base) > current_key:

@@ -96,7 +96,8 @@ def _check_format(storage_format: str) -> None:
         raise ValueError(f"storage format must be one of {STORAGE_FORMATS}, got {storage_format!r}")
 
 
-_TASKS_SUFFIX = ".tasks"
+# A Parquet write's tasks write beside its version, in `<version>.tasks` (retention knows it too).
+TASKS_SUFFIX = ".tasks"
 TablePath = Location | Path | str
 
 
@@ -296,7 +297,7 @@ def _tasks_dir(version: Location) -> Location:
     """Where the tasks of a Parquet write put their files: beside the version directory, so a
     task attempt that finishes after ``publish`` (speculative, or orphaned by a lost executor)
     writes outside the live table."""
-    return version.parent / f"{version.name}{_TASKS_SUFFIX}"
+    return version.parent / f"{version.name}{TASKS_SUFFIX}"
 
 
 def publish(spark: SparkSession, target: TableWrite, files: list[str]) -> int:
@@ -331,7 +332,7 @@ def publish(spark: SparkSession, target: TableWrite, files: list[str]) -> int:
         target.directory.delete()  # the staged files, copied into the table
         return read_table(spark, target.path, "delta").count()
     # Parquet: the reported files move into the version directory, which becomes the table.
-    version = target.directory.parent / target.directory.name.removesuffix(_TASKS_SUFFIX)
+    version = target.directory.parent / target.directory.name.removesuffix(TASKS_SUFFIX)
     version.mkdir()
     _each(lambda name: (target.directory / name).move_to(version / name), sorted(listed))
     rows = sum(_footer(version / name).num_rows for name in listed)
