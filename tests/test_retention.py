@@ -72,19 +72,34 @@ def test_vacuum_at_zero_hours_keeps_exactly_the_current_files_and_rows(
     pd.testing.assert_frame_equal(got, expected, check_dtype=False)
 
 
+def age_data_files(table: Path, hours: float) -> None:
+    """Set every data file's modification time ``hours`` back, as if written that long ago."""
+    moment = time.time() - hours * 3600
+    for name in data_files(table):
+        os.utime(table / name, (moment, moment))
+
+
+def vacuum_commits(spark: SparkSession, table: Path) -> int:
+    history = spark.sql(f"DESCRIBE HISTORY delta.`{table}`")
+    return history.where(history.operation.startswith("VACUUM")).count()
+
+
 def test_vacuum_honours_hours_other_than_zero_through_the_table_property(
     spark: SparkSession, tmp_path: Path
 ) -> None:
     """Delta 4.4 ignores VACUUM's own hours unless 0: the table property must carry them. Files
-    removed about 2 s ago stay at 168 h and at 1 h, and go at 1 s."""
+    removed about 2 s ago (and written 2 h ago, so that VACUUM runs at 1 h) stay at 168 h and at
+    1 h, and go at 1 s."""
     table = tmp_path / "prices"
     overwritten_three_times(spark, table)
     before = data_files(table)
+    age_data_files(table, 2)
     time.sleep(2)
 
     kept_168 = retention.vacuum_delta(spark, Location.parse(table), 168)
     kept_1h = retention.vacuum_delta(spark, Location.parse(table), 1)
     assert (kept_168.entries, kept_1h.entries, data_files(table)) == (0, 0, before)
+    assert vacuum_commits(spark, table) == 2  # the 1 h one ran: START and END
     gone = retention.vacuum_delta(spark, Location.parse(table), 1 / 3600)
 
     assert gone.entries == len(before) - len(
@@ -93,6 +108,26 @@ def test_vacuum_honours_hours_other_than_zero_through_the_table_property(
     assert gone.entries > 0
     properties = spark.sql(f"SHOW TBLPROPERTIES delta.`{table}`").collect()
     assert {"key": RETENTION, "value": "interval 1 seconds"} in [p.asDict() for p in properties]
+
+
+def test_vacuum_is_skipped_while_no_data_file_is_older_than_the_setting(
+    spark: SparkSession, tmp_path: Path
+) -> None:
+    """VACUUM deletes no file modified within the retention period, so it is not run then: no
+    VACUUM commits, no table property. Once the files are older, it runs (and still keeps the
+    files removed within the period)."""
+    table = tmp_path / "prices"
+    overwritten_three_times(spark, table)
+    before = data_files(table)
+    version = spark.sql(f"DESCRIBE HISTORY delta.`{table}`").count()
+
+    skipped = retention.vacuum_delta(spark, Location.parse(table), 168)
+
+    assert (skipped.entries, data_files(table)) == (0, before)
+    assert spark.sql(f"DESCRIBE HISTORY delta.`{table}`").count() == version
+    age_data_files(table, 200)
+    ran = retention.vacuum_delta(spark, Location.parse(table), 168)
+    assert (ran.entries, data_files(table), vacuum_commits(spark, table)) == (0, before, 2)
 
 
 # --- version directories (Parquet tables, the model) ---------------------------------------------

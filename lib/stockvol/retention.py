@@ -55,21 +55,30 @@ class Removed:
         return Removed(self.target, self.entries + other.entries, self.bytes + other.bytes)
 
 
-def _tree_bytes(location: Location, skip_hidden: bool = False) -> tuple[int, int]:
-    """Files and bytes below a directory (``skip_hidden``: leave out ``_delta_log`` and other
-    names Delta treats as hidden); (0, 0) for one that does not exist."""
+def _tree_files(location: Location, skip_hidden: bool = False) -> list[pafs.FileInfo]:
+    """The files below a directory (``skip_hidden``: leave out ``_delta_log`` and other names
+    Delta treats as hidden); none for one that does not exist."""
     filesystem, path = location.arrow
     selector = pafs.FileSelector(path, allow_not_found=True, recursive=True)
-    files = total = 0
+    files = []
     for entry in filesystem.get_file_info(selector):
         if entry.type != pafs.FileType.File:
             continue
         parts = entry.path[len(path) :].strip("/").split("/")
         if skip_hidden and any(part.startswith(("_", ".")) for part in parts):
             continue
-        files += 1
-        total += entry.size or 0
-    return files, total
+        files.append(entry)
+    return files
+
+
+def _tree_bytes(location: Location, skip_hidden: bool = False) -> tuple[int, int]:
+    """Files and bytes below a directory, as ``_tree_files`` finds them."""
+    files = _tree_files(location, skip_hidden)
+    return len(files), sum(entry.size or 0 for entry in files)
+
+
+def _as_utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 def is_delta_table(table: Location) -> bool:
@@ -99,9 +108,15 @@ def _retention_property(spark: SparkSession, table: Location) -> str | None:
     return None if value is None or "does not have" in value else value
 
 
-def vacuum_delta(spark: SparkSession, table: Location, hours: float) -> Removed:
+def vacuum_delta(
+    spark: SparkSession, table: Location, hours: float, now: datetime | None = None
+) -> Removed:
     """Delta's own ``VACUUM`` of the table's files removed more than ``hours`` ago; the data
     files and bytes it deleted (counted by listing the table before and after).
+
+    VACUUM only deletes data files last modified more than ``hours`` ago, so when the listing
+    finds none (every run of the first week at 168 h) it is skipped: it costs 3-5 s per table
+    even when it deletes nothing, and writes two commits (VACUUM START/END) to the table's log.
 
     Delta 4.4 ignores VACUUM's retention argument unless it is 0 and takes the table property
     ``delta.deletedFileRetentionDuration`` instead (default 168 h), so that property is set to
@@ -110,7 +125,11 @@ def vacuum_delta(spark: SparkSession, table: Location, hours: float) -> Removed:
     in local mode, 8 s with 2."""
     from delta.tables import DeltaTable
 
-    files_before, bytes_before = _tree_bytes(table, skip_hidden=True)
+    files = _tree_files(table, skip_hidden=True)
+    bound = (now or datetime.now(timezone.utc)) - timedelta(hours=hours)
+    if not any(entry.mtime is None or _as_utc(entry.mtime) < bound for entry in files):
+        log.info("%s: no data file older than %.4g h, nothing to VACUUM", table, hours)
+        return Removed(table.name, 0, 0)
     wanted = f"interval {round(hours * 3600)} seconds"
     current = _retention_property(spark, table)
     if current != wanted and not (current is None and hours == DELTA_DEFAULT_HOURS):
@@ -130,7 +149,9 @@ def vacuum_delta(spark: SparkSession, table: Location, hours: float) -> Removed:
     with _session_conf(spark, listing):
         DeltaTable.forPath(spark, str(table)).vacuum()
     files_after, bytes_after = _tree_bytes(table, skip_hidden=True)
-    return Removed(table.name, files_before - files_after, bytes_before - bytes_after)
+    return Removed(
+        table.name, len(files) - files_after, sum(f.size or 0 for f in files) - bytes_after
+    )
 
 
 def _started(entry: pafs.FileInfo, location: Location) -> datetime | None:
@@ -139,7 +160,7 @@ def _started(entry: pafs.FileInfo, location: Location) -> datetime | None:
     base = Location(location.uri.removesuffix(TASKS_SUFFIX))
     started = version_time(base)
     if started is None and entry.mtime is not None and location.is_local:
-        started = entry.mtime if entry.mtime.tzinfo else entry.mtime.replace(tzinfo=timezone.utc)
+        started = _as_utc(entry.mtime)
     return started
 
 
