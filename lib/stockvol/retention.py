@@ -170,17 +170,14 @@ def expired_versions(link: Location, hours: float, now: datetime) -> list[Locati
     The current version is read once: a version published meanwhile is newer than it, so kept."""
     current = current_version(link)
     directory = versions_dir(link)
-    entries = [(entry, directory / entry.base_name) for entry in directory.children()]
+    entries = []  # (started, version name, location)
+    for entry in directory.children():
+        location = directory / entry.base_name
+        base = entry.base_name.removesuffix(TASKS_SUFFIX)
+        entries.append((_started(entry, location), base, location))
     bound = now - timedelta(hours=hours)
-    dated = sorted(
-        (
-            (started, entry.base_name.removesuffix(TASKS_SUFFIX), location)
-            for entry, location in entries
-            if (started := _started(entry, location)) is not None
-        ),
-        key=lambda item: item[:2],
-    )
-    unknown = [location for entry, location in entries if _started(entry, location) is None]
+    dated = sorted((item for item in entries if item[0] is not None), key=lambda item: item[:2])
+    unknown = [location for started, _, location in entries if started is None]
     if unknown:
         log.info("%s: kept %d entries of unknown age: %s", directory, len(unknown), unknown[:3])
     if current is None:  # no version is current (a Delta table, or nothing): staged copies
