@@ -16,6 +16,7 @@ from stockvol.location import (
     publish_version,
     resolve,
     version_time,
+    versions_dir,
 )
 
 
@@ -84,6 +85,18 @@ def test_publishing_a_version_moves_a_symlink_on_local_disk(tmp_path: Path) -> N
     publish_version(link, second)
     assert (link / "metadata").read_text() == second.name
     assert os.readlink(link.uri) == f".model.versions/{second.name}"
+
+
+def test_versions_started_within_one_second_sort_in_the_order_they_were_started(
+    tmp_path: Path,
+) -> None:
+    """Retention and the tests take the last name as the newest: names with only a second's
+    resolution and a random suffix put three quick writes in a random order."""
+    link = Location.parse(tmp_path) / "t"
+    names = [new_version(link).name for _ in range(200)]
+    assert names == sorted(names) and len(set(names)) == len(names)
+    assert len({name[:16] for name in names}) < len(names)  # some did share a second
+    assert all(version_time(versions_dir(link) / name) is not None for name in names)
 
 
 def test_publishing_over_a_plain_directory_replaces_it(tmp_path: Path) -> None:

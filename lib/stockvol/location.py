@@ -212,9 +212,10 @@ def versions_dir(link: Location) -> Location:
 
 def new_version(link: Location) -> Location:
     """A fresh version directory for ``link`` (not created): named by its UTC start time, so
-    versions sort by age."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return versions_dir(link) / f"{stamp}-{uuid.uuid4().hex[:8]}"
+    versions sort by age. The hex part starts with the microsecond (5 hex digits): versions
+    started within one second sort in order too; 3 random digits keep two runs apart."""
+    now = datetime.now(timezone.utc)
+    return versions_dir(link) / f"{now:%Y%m%dT%H%M%SZ}-{now.microsecond:05x}{uuid.uuid4().hex[:3]}"
 
 
 def version_time(version: Location) -> datetime | None:
