@@ -22,6 +22,7 @@ from stockvol.storage import (
     FileWriter,
     TableNotFoundError,
     TableWrite,
+    VersionGoneError,
     commit_metadata,
     current_table_version,
     delta_version,
@@ -389,6 +390,18 @@ def test_publish_records_metadata_in_a_parquet_version_that_readers_skip(
     for df in (read_table(spark, path, "parquet"), by_name):
         assert_df_equality(df, expected, ignore_row_order=True, ignore_nullable=True)
     assert pq.read_table(path.resolve()).num_rows == len(KEYED_ROWS)
+
+
+def test_a_delta_version_whose_log_is_gone_is_a_one_line_error(
+    spark: SparkSession, tmp_path: Path
+) -> None:
+    """Log retention deleted the version's commit: VersionGoneError, not a py4j traceback."""
+    path = tmp_path / "t"
+    for symbol in ("A", "B"):
+        write_table(spark.createDataFrame([(symbol, 1.0, 1)], SCHEMA), path, "delta")
+    (path / "_delta_log" / f"{0:020d}.json").unlink()
+    with pytest.raises(VersionGoneError, match="version 0 has been deleted"):
+        read_table_version(spark, path, "delta", 0)
 
 
 def test_table_files_needs_no_private_pyspark_constructor(

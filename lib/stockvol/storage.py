@@ -745,7 +745,10 @@ def read_table_version(
         return spark.read.parquet(str(directory))
     try:
         files = table_files(spark, path, "delta", int(version))
-    except Py4JJavaError:  # the log no longer reaches back to that version
+    except Py4JJavaError as err:
+        # The log no longer reaches back to that version (retention deleted its commits).
+        if "DeltaFileNotFoundException" not in str(err):
+            raise
         raise gone from None
     # None: files that hold rows outside them (never written by this project): read as they are.
     if files is not None and not all(Location.parse(file).exists() for file in files.files):
