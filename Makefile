@@ -14,7 +14,7 @@ SPARK_SUBMIT := SPARK_CONF_DIR=$(CURDIR) $(VENV)/bin/spark-submit --load-spark-d
 
 .PHONY: setup run download pipeline ingest features train retention serve test lint format clean
 .PHONY: test-cluster cluster-up cluster-down cluster-pipeline bench bench-sweep bench-serving
-.PHONY: test-load test-all test-known-bugs test-s3 s3proxy
+.PHONY: test-load test-all test-s3 s3proxy
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -63,9 +63,9 @@ s3proxy:  ## resolve the test S3 server's classpath with mvn (idempotent)
 test: setup s3proxy  ## lint, then the test suite (real Spark, Delta, MLlib, HTTP, SIGKILL faults)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -m "not cluster and not known_bug and not object_store"
+	$(PY) -m pytest -m "not cluster and not object_store"
 
-test-all: test test-known-bugs test-s3 test-cluster test-load  ## everything CI runs
+test-all: test test-s3 test-cluster test-load  ## everything CI runs
 
 # The whole pipeline on a real S3 server (s3proxy on loopback) against the same run on disk, and
 # SIGKILL in the middle of each publish there: minutes of end-to-end runs, kept out of `make test`
@@ -73,12 +73,6 @@ test-all: test test-known-bugs test-s3 test-cluster test-load  ## everything CI 
 # the server reading its model from a bucket, retention there) are in `make test`.
 test-s3: setup s3proxy  ## the pipeline and its SIGKILL faults with --data-dir s3a:// (s3proxy)
 	$(PY) -m pytest -m "object_store and not cluster"
-
-# Strict xfails that show open bugs (docs/reliability.md): its own run, where an expected failure
-# passes and a fix (XPASS) or a broken harness (any other error) fails. Out of `make test` for
-# time: the one it holds kills a real ingest and takes a minute and a half.
-test-known-bugs: setup s3proxy  ## the known-bug tests; fails when a bug is fixed or its harness breaks
-	$(PY) -m pytest -m "known_bug and not cluster"
 
 # Bounded load on gunicorn over 127.0.0.1 (docs/reliability.md); fails on any error. LOAD_ARGS to change.
 test-load: setup  ## 12 s at 64 connections against gunicorn; any failed or wrong answer fails

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import shutil
 import sys
 from collections.abc import Iterator
@@ -13,15 +16,26 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from deltalake import DeltaTable, QueryBuilder
+from pandas.testing import assert_frame_equal
 from pyspark import cloudpickle
 from pyspark.sql import SparkSession
 from pyspark.sql.pandas.types import from_arrow_schema
 
-from stockvol import ingest
+from stockvol import ingest, retention, storage
 from stockvol.config import Config, apply_overrides
-from stockvol.ingest import ConservationError, IngestInputError, IngestTask, run
+from stockvol.ingest import (
+    ConservationError,
+    IngestInputError,
+    IngestTask,
+    PairGoneError,
+    read_ingest_pair,
+    run,
+)
+from stockvol.location import Location
 from stockvol.schema import CSV_COLUMNS, PRICES_SCHEMA
-from stockvol.storage import FileWriter, TableWrite, read_table
+from stockvol.storage import FileWriter, TableWrite, delta_version, read_table, write_table
+from stockvol.summary import StageSummary
 from tests.real_files import quirk_sample
 
 REAL = quirk_sample()
@@ -105,14 +119,12 @@ def test_prices_has_the_contract_columns_and_types(
     ]
 
 
-@pytest.mark.parametrize("storage_format", ["delta", "parquet"])
-def test_every_line_is_in_prices_or_rejects(
-    spark: SparkSession, ingested: dict, storage_format: str
+def _assert_every_line_accounted(
+    prices: pd.DataFrame, rejects: pd.DataFrame, raw: Path, summary: StageSummary
 ) -> None:
-    config, summary = ingested[storage_format]
-    expected = _lines_per_file(Path(config.raw_dir))
-    rejects = read_table(spark, Path(config.rejects_path), storage_format).toPandas()
-    prices = read_table(spark, Path(config.prices_path), storage_format).toPandas()
+    """Per raw file, its data lines (counted by ``_lines_per_file``) = its rows in prices + in
+    rejects; and the summary's counts are those of the tables."""
+    expected = _lines_per_file(raw)
     rejected = rejects.groupby("source_file").size()
     # Kept rows per file: every symbol's kept rows come from one file here but CARR#, whose
     # etfs/ copy is wholly rejected as duplicates.
@@ -122,7 +134,17 @@ def test_every_line_is_in_prices_or_rejects(
         kept_here = 0 if file == "etfs/CARR#.csv" else int(kept.get(symbol, 0))
         assert kept_here + int(rejected.get(file, 0)) == lines, file
     assert summary.rows_in == sum(expected.values())
-    assert summary.rows_out + summary.rows_rejected == summary.rows_in
+    assert (summary.rows_out, summary.rows_rejected) == (len(prices), len(rejects))
+
+
+@pytest.mark.parametrize("storage_format", ["delta", "parquet"])
+def test_every_line_is_in_prices_or_rejects(
+    spark: SparkSession, ingested: dict, storage_format: str
+) -> None:
+    config, summary = ingested[storage_format]
+    rejects = read_table(spark, Path(config.rejects_path), storage_format).toPandas()
+    prices = read_table(spark, Path(config.prices_path), storage_format).toPandas()
+    _assert_every_line_accounted(prices, rejects, Path(config.raw_dir), summary)
 
 
 def test_prices_equal_an_independent_pandas_reading(spark: SparkSession, ingested: dict) -> None:
@@ -293,3 +315,108 @@ def test_the_drivers_utc_date_is_the_last_valid_date_in_every_task(
     assert summary.details["rejected_by_reason"] == {"bad_date": 1}
     rejected = read_table(spark, Path(config.rejects_path), "parquet").select("Date").collect()
     assert [row["Date"] for row in rejected] == ["2020-01-07"]
+
+
+# --- reading prices and rejects as a pair ------------------------------------------------------
+
+
+def _sorted(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.sort_values(list(frame.columns), na_position="first").reset_index(drop=True)
+
+
+def _pandas_table(path: Location, storage_format: str) -> pd.DataFrame:
+    """A table's latest version read without Spark, as docs/data.md reads it."""
+    if storage_format == "parquet":
+        return _sorted(pd.read_parquet(os.path.realpath(path)))
+    table = DeltaTable(str(path))
+    rows = QueryBuilder().register("t", table).execute("SELECT * FROM t").read_all()
+    return _sorted(pa.table(rows).to_pandas())
+
+
+def _pair(spark: SparkSession, config: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
+    prices, rejects = read_ingest_pair(spark, config)
+    return _sorted(prices.toPandas()), _sorted(rejects.toPandas())
+
+
+def _small_raw(config: Config, volume: int = 9) -> None:
+    """Two files: one with a bad line of every kind, one good (``volume`` tells runs apart)."""
+    (Path(config.raw_dir) / "stocks").mkdir(parents=True, exist_ok=True)
+    shutil.copy(REAL / "symbols_valid_meta.csv", Path(config.raw_dir))
+    (Path(config.raw_dir) / "stocks" / "BAD.csv").write_text(f"{HEADER}\n{BAD_FILE}")
+    (Path(config.raw_dir) / "stocks" / "GOOD.csv").write_text(
+        f"{HEADER}\n2020-01-02,1,2,0.5,1.5,1.4,{volume}\n"
+    )
+
+
+@pytest.mark.parametrize("storage_format", ["delta", "parquet"])
+def test_the_pair_is_the_last_ingest_and_accounts_for_every_line(
+    spark: SparkSession, ingested: dict, storage_format: str
+) -> None:
+    config, summary = ingested[storage_format]
+    prices, rejects = _pair(spark, config)
+    assert_frame_equal(prices, _pandas_table(config.prices_path, storage_format))
+    assert_frame_equal(rejects, _pandas_table(config.rejects_path, storage_format))
+    _assert_every_line_accounted(prices, rejects, Path(config.raw_dir), summary)
+
+
+def test_the_pair_is_recorded_when_delta_falls_back_to_its_public_writer(
+    spark: SparkSession,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With Delta's internal API not the pinned one, both tables go through Spark's Delta
+    writer; the prices commit still names the rejects version it pairs with."""
+    config = apply_overrides(Config(data_dir=tmp_path), storage_format="delta")
+    _small_raw(config)
+    run(spark, config)
+    write = f"{storage.DELTA}.DeltaOperations$Write"
+    changed = storage.DELTA_API[write][0].replace("SaveMode,", "SaveMode,scala.Option,")
+    monkeypatch.setitem(storage.DELTA_API, write, (changed,))
+    _small_raw(config, volume=10)
+    with caplog.at_level(logging.WARNING, logger="stockvol"):
+        run(spark, config)
+    assert "written through Spark's Delta writer" in caplog.text
+    commit = DeltaTable(str(config.prices_path)).history(1)[0]
+    rejects_version = delta_version(spark, config.rejects_path)
+    assert json.loads(commit["userMetadata"]) == {"rejects_version": rejects_version}
+    prices, rejects = _pair(spark, config)
+    assert_frame_equal(prices, _pandas_table(config.prices_path, "delta"))
+    assert_frame_equal(rejects, _pandas_table(config.rejects_path, "delta"))
+    assert prices.loc[prices["Symbol"] == "GOOD", "Volume"].tolist() == [10]
+
+
+@pytest.mark.parametrize("storage_format", ["delta", "parquet"])
+def test_prices_that_name_no_rejects_pair_with_the_latest_and_say_so(
+    spark: SparkSession,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    storage_format: str,
+) -> None:
+    """Tables written before ingest recorded the pair: the latest of each, with a warning."""
+    config = apply_overrides(Config(data_dir=tmp_path), storage_format=storage_format)
+    _small_raw(config)
+    run(spark, config)
+    for path in (config.prices_path, config.rejects_path):  # rewritten with no pair metadata
+        write_table(read_table(spark, path, storage_format), path, storage_format)
+    with caplog.at_level(logging.WARNING, logger="stockvol"):
+        prices, rejects = _pair(spark, config)
+    assert "names no rejects version" in caplog.text
+    assert_frame_equal(prices, _pandas_table(config.prices_path, storage_format))
+    assert_frame_equal(rejects, _pandas_table(config.rejects_path, storage_format))
+
+
+@pytest.mark.parametrize("storage_format", ["delta", "parquet"])
+def test_a_deleted_paired_rejects_version_is_a_one_line_error(
+    spark: SparkSession, tmp_path: Path, storage_format: str
+) -> None:
+    """Rejects replaced without their prices (a run killed between the two), then the paired
+    version deleted by retention: the reader says to rerun ingest."""
+    config = apply_overrides(Config(data_dir=tmp_path), storage_format=storage_format)
+    _small_raw(config)
+    run(spark, config)
+    rejects = read_table(spark, config.rejects_path, storage_format)
+    write_table(rejects.limit(1), config.rejects_path, storage_format)
+    retention.apply(spark, [("rejects", config.rejects_path)], hours=0)
+    with pytest.raises(PairGoneError, match=r"has been deleted \(retention\); rerun ingest"):
+        read_ingest_pair(spark, config)

@@ -48,6 +48,11 @@ def table(spark: SparkSession, config: Config, name: str) -> pd.DataFrame:
     return frame.orderBy(*frame.columns).toPandas()
 
 
+def pair(spark: SparkSession, config: Config) -> list[pd.DataFrame]:
+    """Prices and rejects through the pair reader, each in a fixed order."""
+    return [df.orderBy(*df.columns).toPandas() for df in ingest.read_ingest_pair(spark, config)]
+
+
 def metrics(config: Config) -> dict:
     found = json.loads((resolve(config.model_dir) / "metrics.json").read_text())
     return {key: value for key, value in found.items() if key not in RUN_SPECIFIC}
@@ -73,6 +78,8 @@ def test_the_pipeline_on_s3_equals_the_pipeline_on_local_disk(
         expected = table(spark, local, name)
         assert len(expected) > 0 or name == "rejects"
         assert_frame_equal(table(spark, remote, name), expected, check_exact=True)
+    for got, expected in zip(pair(spark, remote), pair(spark, local), strict=True):
+        assert_frame_equal(got, expected, check_exact=True)
     assert metrics(remote) == metrics(local)
     assert predictions(spark, remote) == predictions(spark, local)
     # Nothing local stands in for the bucket: the model and (Parquet) tables are pointer objects.

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from chispa import assert_df_equality
+from delta.tables import DeltaTable
 from pyspark.sql import SparkSession
 from pyspark.sql.pandas.types import to_arrow_schema
 from pyspark.sql.types import DoubleType, LongType, StringType, StructField, StructType
@@ -21,11 +22,15 @@ from stockvol.storage import (
     FileWriter,
     TableNotFoundError,
     TableWrite,
+    VersionGoneError,
+    commit_metadata,
+    current_table_version,
     delta_version,
     prepare_write,
     publish,
     read_parquet,
     read_table,
+    read_table_version,
     table_files,
     write_table,
 )
@@ -338,6 +343,65 @@ def test_an_internal_api_that_differs_falls_back_to_deltas_own_writer(
     assert_df_equality(
         read_table(spark, path, "delta"), expected, ignore_row_order=True, ignore_nullable=True
     )
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_publish_records_metadata_in_the_delta_commit_on_either_path(
+    spark: SparkSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_place: bool
+) -> None:
+    """The metadata lands in the commit's userMetadata whether the files are committed in place
+    or copied by Spark's Delta writer (the fallback forced as above), and only there: the
+    session conf is restored, so the next commit records none."""
+    path = tmp_path / "t"
+    write_with_tasks(spark, path, "delta", KEYED_ROWS[:2])
+    if not in_place:
+        write = f"{storage.DELTA}.DeltaOperations$Write"
+        changed = storage.DELTA_API[write][0].replace("SaveMode,", "SaveMode,scala.Option,")
+        monkeypatch.setitem(storage.DELTA_API, write, (changed,))
+    target, files = files_for(spark, path, KEYED_ROWS)
+    assert target.in_place == in_place
+    publish(spark, target, files, {"run": 7})
+    version = delta_version(spark, path)
+    last = DeltaTable.forPath(spark, str(path)).history(1).first()
+    assert (last["version"], json.loads(last["userMetadata"])) == (version, {"run": 7})
+    assert commit_metadata(spark, path, "delta", version) == {"run": 7}
+    assert spark.conf.get(storage._USER_METADATA, None) is None
+    write_table(spark.createDataFrame(KEYED_ROWS[:1], KEYED), path, "delta")
+    assert DeltaTable.forPath(spark, str(path)).history(1).first()["userMetadata"] is None
+    assert commit_metadata(spark, path, "delta", version + 1) is None
+
+
+def test_publish_records_metadata_in_a_parquet_version_that_readers_skip(
+    spark: SparkSession, tmp_path: Path
+) -> None:
+    """A Parquet version keeps the metadata in a file that Spark and pyarrow do not read as
+    data; the version read by name holds the published rows."""
+    path = tmp_path / "t"
+    target = prepare_write(spark, path, KEYED, "parquet")
+    writer = FileWriter(target)
+    writer.add(pa.Table.from_pylist([dict(zip(KEYED.names, r, strict=True)) for r in KEYED_ROWS],
+                                    to_arrow_schema(KEYED)))  # fmt: skip
+    publish(spark, target, [file for file, _ in writer.close()], {"run": 7})
+    version = current_table_version(spark, path, "parquet")
+    assert version == path.resolve().name
+    assert commit_metadata(spark, path, "parquet", version) == {"run": 7}
+    expected = spark.createDataFrame(KEYED_ROWS, KEYED)
+    by_name = read_table_version(spark, path, "parquet", version)
+    for df in (read_table(spark, path, "parquet"), by_name):
+        assert_df_equality(df, expected, ignore_row_order=True, ignore_nullable=True)
+    assert pq.read_table(path.resolve()).num_rows == len(KEYED_ROWS)
+
+
+def test_a_delta_version_whose_log_is_gone_is_a_one_line_error(
+    spark: SparkSession, tmp_path: Path
+) -> None:
+    """Log retention deleted the version's commit: VersionGoneError, not a py4j traceback."""
+    path = tmp_path / "t"
+    for symbol in ("A", "B"):
+        write_table(spark.createDataFrame([(symbol, 1.0, 1)], SCHEMA), path, "delta")
+    (path / "_delta_log" / f"{0:020d}.json").unlink()
+    with pytest.raises(VersionGoneError, match="version 0 has been deleted"):
+        read_table_version(spark, path, "delta", 0)
 
 
 def test_table_files_needs_no_private_pyspark_constructor(

@@ -8,13 +8,16 @@ symbol's earlier file already kept, and writes its good rows and its rejects as 
 with pyarrow into the tables' staging directories. Only one count row per file and reason, a row
 per file with its lines counted from its bytes apart from the classification, and one row per
 staged file go back to Spark. The driver checks that every line landed in exactly
-one of the two tables and publishes both (docs/ingest.md says why the rows never cross into
-the JVM: that cost several times the parsing).
+one of the two tables and publishes rejects, then prices, which name the rejects version they
+pair with: that commit is the pair's one commit point, and ``read_ingest_pair`` reads a pair
+from the same run (docs/ingest.md says why the rows never cross into the JVM: that cost several
+times the parsing).
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -27,7 +30,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
 
@@ -61,11 +64,17 @@ from stockvol.schema import (
 from stockvol.storage import (
     FileWriter,
     TableWrite,
+    VersionGoneError,
+    commit_metadata,
+    current_table_version,
     open_path,
     prepare_write,
     publish,
+    read_table_version,
 )
 from stockvol.summary import StageSummary
+
+log = logging.getLogger("stockvol")
 
 FOLDERS = ("stocks", "etfs")  # also the duplicate rule: a date in stocks/ wins over etfs/
 META_FILE = "symbols_valid_meta.csv"
@@ -74,6 +83,8 @@ REJECTS_ARROW = to_arrow_schema(REJECTS_SCHEMA)
 # A task parses the files of single-file symbols this many bytes at a time: their checks run
 # once per batch (raw_csv.good_files), and a batch's rows stay a small part of a row group.
 BATCH_BYTES = 16 << 20
+# The key of prices' commit metadata naming the rejects version they pair with (read_ingest_pair).
+PAIRED_REJECTS = "rejects_version"
 # Tasks per core: enough to even out files of different sizes, few enough to write large files.
 TASKS_PER_CORE = 4
 
@@ -99,6 +110,10 @@ class IngestInputError(PipelineError):
 
 class ConservationError(PipelineError):
     """Rows read differ from rows kept plus rows rejected: a row would be lost."""
+
+
+class PairGoneError(PipelineError):
+    """The rejects version that the current prices pair with has been deleted."""
 
 
 @dataclass
@@ -389,23 +404,22 @@ def run(spark: SparkSession, config: Config) -> StageSummary:
         raise ConservationError(f"files listed but never read: {uncounted[:10]}")
     kept = int(counts["kept"].sum())
     rejected = {r: int(counts[r].sum()) for r in REASONS if counts[r].sum()}
-    for table, target, want in (
-        ("prices", prices, kept),
-        ("rejects", rejects, sum(rejected.values())),
-    ):
-        files, rows = staged_files(result, table)
-        if rows != want:
-            raise ConservationError(f"{table}: {rows} rows staged, {want} counted")
-        written = publish(spark, target, files)
-        if written != want:
-            raise ConservationError(f"{target.path}: {written} rows written, {want} expected")
+    rejected_rows = sum(rejected.values())
+    rejects_files = checked_staged_files(result, "rejects", rejected_rows)
+    prices_files = checked_staged_files(result, "prices", kept)
+    # Rejects first, then prices, which name the rejects they pair with: the prices commit is
+    # the pair's one commit point (Delta has no transaction over two tables), and a run killed
+    # between the two leaves the previous pair readable (read_ingest_pair).
+    _publish(spark, rejects, rejects_files, rejected_rows)
+    pair = {PAIRED_REJECTS: current_table_version(spark, config.rejects_path, fmt)}
+    _publish(spark, prices, prices_files, kept, pair)
     header_only = [f for f in found.csv_files if f not in found.empty and not counts.loc[f, "read"]]
     symbols = {symbol_of(f) for f in found.csv_files}
     return StageSummary(
         stage="ingest",
         rows_in=int(counts["read"].sum()),
         rows_out=kept,
-        rows_rejected=sum(rejected.values()),
+        rows_rejected=rejected_rows,
         seconds=time.perf_counter() - started,
         details={
             "files": len(found.csv_files),
@@ -417,6 +431,57 @@ def run(spark: SparkSession, config: Config) -> StageSummary:
             "format": config.storage_format,
         },
     )
+
+
+def checked_staged_files(result: pd.DataFrame, table: str, want: int) -> list[str]:
+    """The files the tasks staged for ``table``; a ConservationError unless they hold ``want``
+    rows."""
+    files, rows = staged_files(result, table)
+    if rows != want:
+        raise ConservationError(f"{table}: {rows} rows staged, {want} counted")
+    return files
+
+
+def _publish(
+    spark: SparkSession,
+    target: TableWrite,
+    files: list[str],
+    want: int,
+    metadata: dict | None = None,
+) -> None:
+    """Publish a table's staged files; a ConservationError unless it then holds ``want`` rows."""
+    written = publish(spark, target, files, metadata)
+    if written != want:
+        raise ConservationError(f"{target.path}: {written} rows written, {want} expected")
+
+
+def read_ingest_pair(spark: SparkSession, config: Config) -> tuple[DataFrame, DataFrame]:
+    """Prices and rejects from the same ingest run: prices' current version and the rejects
+    version it names. A plain read of each table sees that table whole, but not necessarily
+    from the same run as the other (ingest killed between its two commits)."""
+    fmt = config.storage_format
+    version = current_table_version(spark, config.prices_path, fmt)
+    prices = read_table_version(spark, config.prices_path, fmt, version)
+    rejects_version = (commit_metadata(spark, config.prices_path, fmt, version) or {}).get(
+        PAIRED_REJECTS
+    )
+    if rejects_version is None:
+        rejects_version = current_table_version(spark, config.rejects_path, fmt)
+        log.warning(
+            "%s (version %s) names no rejects version: written before ingest recorded one; "
+            "reading the latest rejects (%s), which may come from another run",
+            config.prices_path,
+            version,
+            rejects_version,
+        )
+    try:
+        rejects = read_table_version(spark, config.rejects_path, fmt, rejects_version)
+    except VersionGoneError:
+        raise PairGoneError(
+            f"{config.rejects_path}: version {rejects_version}, the rejects of the current "
+            "prices, has been deleted (retention); rerun ingest to write a new pair"
+        ) from None
+    return prices, rejects
 
 
 def _check_conservation(counts: pd.DataFrame) -> None:

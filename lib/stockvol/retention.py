@@ -18,8 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -28,6 +27,7 @@ from pyspark.sql import SparkSession
 
 from stockvol.config import Config
 from stockvol.location import Location, current_version, version_time, versions_dir
+from stockvol.spark import session_conf
 from stockvol.storage import TASKS_SUFFIX
 from stockvol.summary import StageSummary
 
@@ -86,22 +86,6 @@ def is_delta_table(table: Location) -> bool:
     return (table / "_delta_log").is_dir()
 
 
-@contextmanager
-def _session_conf(spark: SparkSession, settings: dict[str, str]) -> Iterator[None]:
-    """Spark SQL settings for the duration of one call, then back to what they were."""
-    previous = {key: spark.conf.get(key, None) for key in settings}
-    for key, value in settings.items():
-        spark.conf.set(key, value)
-    try:
-        yield
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                spark.conf.unset(key)
-            else:
-                spark.conf.set(key, value)
-
-
 def _retention_property(spark: SparkSession, table: Location) -> str | None:
     rows = spark.sql(f"SHOW TBLPROPERTIES delta.`{table}` ('{_RETENTION_PROPERTY}')").collect()
     value = rows[0]["value"] if rows else None
@@ -146,7 +130,7 @@ def vacuum_delta(
             DELTA_DEFAULT_HOURS,
         )
     listing = {_LISTING_PARALLELISM: str(max(1, spark.sparkContext.defaultParallelism))}
-    with _session_conf(spark, listing):
+    with session_conf(spark, listing):
         DeltaTable.forPath(spark, str(table)).vacuum()
     files_after, bytes_after = _tree_bytes(table, skip_hidden=True)
     return Removed(

@@ -8,7 +8,7 @@ import re
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote
@@ -30,8 +30,10 @@ from stockvol.location import (
     new_version,
     publish_version,
     resolve,
+    versions_dir,
 )
 from stockvol.schema import DATE, SYMBOL
+from stockvol.spark import session_conf
 
 # The columns Delta keeps file statistics on, for data skipping (when the table has them).
 STATS_COLUMNS = (SYMBOL, DATE)
@@ -98,6 +100,10 @@ def _check_format(storage_format: str) -> None:
 
 # A Parquet write's tasks write beside its version, in `<version>.tasks` (retention knows it too).
 TASKS_SUFFIX = ".tasks"
+# A Parquet version's commit metadata (``publish``): Spark's and pyarrow's Parquet readers skip
+# names that start with an underscore.
+COMMIT_METADATA_FILE = "_commit_metadata.json"
+_USER_METADATA = "spark.databricks.delta.commitInfo.userMetadata"
 TablePath = Location | Path | str
 
 
@@ -300,12 +306,16 @@ def _tasks_dir(version: Location) -> Location:
     return version.parent / f"{version.name}{TASKS_SUFFIX}"
 
 
-def publish(spark: SparkSession, target: TableWrite, files: list[str]) -> int:
+def publish(
+    spark: SparkSession, target: TableWrite, files: list[str], metadata: dict | None = None
+) -> int:
     """Make the Parquet ``files`` that tasks wrote for ``target`` the table, as atomically as
     ``write_table``; the rows the table now holds. Other files of this write (left by failed
     task attempts) are deleted. Parquet: the directory becomes the table, nothing is copied.
     Delta in place: one overwrite commit adds the files as they are. Delta staged: Spark copies
-    the rows in one commit.
+    the rows in one commit. ``metadata`` (JSON-able) is recorded with the new version, readable
+    with ``commit_metadata``: in the Delta commit's ``userMetadata``, or in the Parquet version's
+    ``COMMIT_METADATA_FILE``, written before the version is published.
 
     The rows returned are counted from the published files themselves (their Parquet footers,
     which the Delta commit's statistics also come from), not from what the tasks reported, so a
@@ -320,7 +330,8 @@ def publish(spark: SparkSession, target: TableWrite, files: list[str]) -> int:
     if target.in_place:
         paths = [target.directory / name for name in sorted(listed)]
         try:
-            rows = _commit_files(spark, target, paths)
+            with _user_metadata(spark, metadata):
+                rows = _commit_files(spark, target, paths)
         except Exception:  # not committed: the files are nobody's
             _each(Location.delete, paths)
             raise
@@ -328,7 +339,8 @@ def publish(spark: SparkSession, target: TableWrite, files: list[str]) -> int:
     if target.storage_format == "delta":
         reader = spark.read.schema(target.schema)
         copied = reader.parquet(*files) if files else spark.createDataFrame([], target.schema)
-        write_table(copied, target.path, "delta")
+        with _user_metadata(spark, metadata):
+            write_table(copied, target.path, "delta")
         target.directory.delete()  # the staged files, copied into the table
         return read_table(spark, target.path, "delta").count()
     # Parquet: the reported files move into the version directory, which becomes the table.
@@ -339,9 +351,20 @@ def publish(spark: SparkSession, target: TableWrite, files: list[str]) -> int:
     if not files:  # an empty table still has its schema
         filesystem, inner = (version / "part-empty.parquet").arrow
         pq.write_table(target.file_schema.empty_table(), inner, filesystem=filesystem)
+    if metadata is not None:
+        (version / COMMIT_METADATA_FILE).write_text(json.dumps(metadata))
     publish_version(target.path, version)
     target.directory.delete()  # the tasks' directory: failed attempts' files only
     return rows
+
+
+def _user_metadata(spark: SparkSession, metadata: dict | None) -> AbstractContextManager:
+    """Delta commits made inside get ``metadata`` as their commitInfo ``userMetadata``: set in
+    the session conf, which both Delta's transaction API (the in-place commit) and its public
+    writer (the staged fallback) read, and restored after, so other commits get none."""
+    if metadata is None:
+        return nullcontext()
+    return session_conf(spark, {_USER_METADATA: json.dumps(metadata)})
 
 
 def _each(action, items: list) -> None:  # noqa: ANN001 (any one-argument function)
@@ -685,3 +708,69 @@ def delta_version(spark: SparkSession, path: TablePath) -> int | None:
     if not table_exists(path, "delta"):
         return None
     return int(_delta_log(spark, path).startTransaction().readVersion())
+
+
+# One version of a table: a Delta version number, or the name of a Parquet version directory.
+TableVersion = int | str
+
+
+class VersionGoneError(PipelineError):
+    """A table version that a reader asked for has been deleted (by retention or VACUUM)."""
+
+
+def current_table_version(
+    spark: SparkSession, path: TablePath, storage_format: str
+) -> TableVersion:
+    """The version a reader of the table at ``path`` sees now; TableNotFoundError when none."""
+    path = Location.parse(path)
+    if not table_exists(path, storage_format):
+        raise TableNotFoundError(f"no {storage_format} table at {path}: run the job that writes it")
+    if storage_format == "delta":
+        return delta_version(spark, path)
+    return current_version(path).name
+
+
+def read_table_version(
+    spark: SparkSession, path: TablePath, storage_format: str, version: TableVersion
+) -> DataFrame:
+    """One version of the table at ``path`` (Delta time travel; a Parquet version directory),
+    or VersionGoneError when its files are gone. Checked here, before any Spark action, so the
+    error is one line and not a missing file halfway through a scan."""
+    path = Location.parse(path)
+    gone = VersionGoneError(f"{path}: version {version} has been deleted (retention or VACUUM)")
+    if storage_format == "parquet":
+        directory = versions_dir(path) / str(version)
+        if not directory.is_dir():
+            raise gone
+        return spark.read.parquet(str(directory))
+    try:
+        files = table_files(spark, path, "delta", int(version))
+    except Py4JJavaError as err:
+        # The log no longer reaches back to that version (retention deleted its commits).
+        if "DeltaFileNotFoundException" not in str(err):
+            raise
+        raise gone from None
+    # None: files that hold rows outside them (never written by this project): read as they are.
+    if files is not None and not all(Location.parse(file).exists() for file in files.files):
+        raise gone
+    return spark.read.format("delta").option("versionAsOf", int(version)).load(str(path))
+
+
+def commit_metadata(
+    spark: SparkSession, path: TablePath, storage_format: str, version: TableVersion
+) -> dict | None:
+    """What ``publish`` recorded with the data of ``version`` (None: nothing recorded).
+
+    Delta: the ``userMetadata`` of the last WRITE commit up to ``version``. Later commits that
+    change no rows, such as retention's property change and VACUUM, record none of their own.
+    Parquet: ``COMMIT_METADATA_FILE`` in the version directory."""
+    path = Location.parse(path)
+    if storage_format == "parquet":
+        file = versions_dir(path) / str(version) / COMMIT_METADATA_FILE
+        return json.loads(file.read_text()) if file.is_file() else None
+    from delta.tables import DeltaTable
+
+    history = DeltaTable.forPath(spark, str(path)).history()
+    writes = history.where((history.version <= int(version)) & (history.operation == "WRITE"))
+    last = writes.orderBy(history.version.desc()).select("userMetadata").first()
+    return json.loads(last.userMetadata) if last and last.userMetadata else None
