@@ -4,6 +4,8 @@ real S3 server (s3proxy on loopback) for the tests that use object storage."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +18,7 @@ from stockvol.spark import build_session
 from tests.s3server import SPARK_TEST_CONF, S3Server, free_port, server_environment
 
 S3_PORT = pytest.StashKey[int]()
+SPARK_SCRATCH = pytest.StashKey[str]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -28,6 +31,19 @@ def pytest_configure(config: pytest.Config) -> None:
     port = free_port()
     config.stash[S3_PORT] = port
     os.environ.update(server_environment(port))
+    # Spark's scratch space (every application copies the --packages jars there, 700 MB with the
+    # AWS SDK bundle) in one directory per test run, deleted at its end, for this process and
+    # every spark-submit, master and worker it starts: a SIGKILLed job never deletes its own,
+    # and leftovers of the kill tests had filled this machine's disk (61 GB in /tmp/spark-*).
+    scratch = tempfile.mkdtemp(prefix="stockvol-tests-spark-")
+    config.stash[SPARK_SCRATCH] = scratch
+    os.environ["SPARK_LOCAL_DIRS"] = scratch
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    scratch = config.stash.get(SPARK_SCRATCH, None)
+    if scratch:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
