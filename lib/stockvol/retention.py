@@ -92,9 +92,7 @@ def _retention_property(spark: SparkSession, table: Location) -> str | None:
     return None if value is None or "does not have" in value else value
 
 
-def vacuum_delta(
-    spark: SparkSession, table: Location, hours: float, now: datetime | None = None
-) -> Removed:
+def vacuum_delta(spark: SparkSession, table: Location, hours: float) -> Removed:
     """Delta's own ``VACUUM`` of the table's files removed more than ``hours`` ago; the data
     files and bytes it deleted (counted by listing the table before and after).
 
@@ -110,7 +108,7 @@ def vacuum_delta(
     from delta.tables import DeltaTable
 
     files = _tree_files(table, skip_hidden=True)
-    bound = (now or datetime.now(timezone.utc)) - timedelta(hours=hours)
+    bound = datetime.now(timezone.utc) - timedelta(hours=hours)
     if not any(entry.mtime is None or _as_utc(entry.mtime) < bound for entry in files):
         log.info("%s: no data file older than %.4g h, nothing to VACUUM", table, hours)
         return Removed(table.name, 0, 0)

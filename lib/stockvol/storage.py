@@ -687,15 +687,20 @@ def table_exists(path: TablePath, storage_format: str) -> bool:
     return is_published(path)
 
 
-def read_table(spark: SparkSession, path: TablePath, storage_format: str) -> DataFrame:
-    """Read a lake table, or raise TableNotFoundError saying which job writes it. A Parquet
-    table is read at its current version, resolved once."""
-    path = Location.parse(path)
+def _require_table(path: Location, storage_format: str) -> None:
+    """TableNotFoundError, saying which job writes it, unless a table is at ``path``."""
     if not table_exists(path, storage_format):
         raise TableNotFoundError(
             f"no {storage_format} table at {path}: run the job that writes it first "
             f"(ingest writes prices and rejects, features writes features)"
         )
+
+
+def read_table(spark: SparkSession, path: TablePath, storage_format: str) -> DataFrame:
+    """Read a lake table, or raise TableNotFoundError saying which job writes it. A Parquet
+    table is read at its current version, resolved once."""
+    path = Location.parse(path)
+    _require_table(path, storage_format)
     return spark.read.format(storage_format).load(str(resolve(path)))
 
 
@@ -723,8 +728,7 @@ def current_table_version(
 ) -> TableVersion:
     """The version a reader of the table at ``path`` sees now; TableNotFoundError when none."""
     path = Location.parse(path)
-    if not table_exists(path, storage_format):
-        raise TableNotFoundError(f"no {storage_format} table at {path}: run the job that writes it")
+    _require_table(path, storage_format)
     if storage_format == "delta":
         return delta_version(spark, path)
     return current_version(path).name
