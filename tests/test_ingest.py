@@ -22,7 +22,7 @@ from pyspark import cloudpickle
 from pyspark.sql import SparkSession
 from pyspark.sql.pandas.types import from_arrow_schema
 
-from stockvol import ingest, retention, storage
+from stockvol import ingest, retention
 from stockvol.config import Config, apply_overrides
 from stockvol.ingest import (
     ConservationError,
@@ -37,6 +37,7 @@ from stockvol.schema import CSV_COLUMNS, PRICES_SCHEMA
 from stockvol.storage import FileWriter, TableWrite, delta_version, read_table, write_table
 from stockvol.summary import StageSummary
 from tests.real_files import quirk_sample
+from tests.test_storage import force_deltas_public_writer
 
 REAL = quirk_sample()
 
@@ -370,9 +371,7 @@ def test_the_pair_is_recorded_when_delta_falls_back_to_its_public_writer(
     config = apply_overrides(Config(data_dir=tmp_path), storage_format="delta")
     _small_raw(config)
     run(spark, config)
-    write = f"{storage.DELTA}.DeltaOperations$Write"
-    changed = storage.DELTA_API[write][0].replace("SaveMode,", "SaveMode,scala.Option,")
-    monkeypatch.setitem(storage.DELTA_API, write, (changed,))
+    force_deltas_public_writer(monkeypatch)
     _small_raw(config, volume=10)
     with caplog.at_level(logging.WARNING, logger="stockvol"):
         run(spark, config)

@@ -327,6 +327,14 @@ def test_a_check_constraint_sends_the_write_through_deltas_own_writer(
     ]
 
 
+def force_deltas_public_writer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the pinned signature of Delta's internal write API differ from the jar's, as a new
+    Delta release would: ``publish`` then falls back to Spark's Delta writer."""
+    write = f"{storage.DELTA}.DeltaOperations$Write"
+    changed = storage.DELTA_API[write][0].replace("SaveMode,", "SaveMode,scala.Option,")
+    monkeypatch.setitem(storage.DELTA_API, write, (changed,))
+
+
 def test_an_internal_api_that_differs_falls_back_to_deltas_own_writer(
     spark: SparkSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -334,9 +342,7 @@ def test_an_internal_api_that_differs_falls_back_to_deltas_own_writer(
     (as after a Delta upgrade) gives the public write path and the same table."""
     path = tmp_path / "t"
     write_with_tasks(spark, path, "delta", KEYED_ROWS[:2])
-    write = f"{storage.DELTA}.DeltaOperations$Write"
-    changed = storage.DELTA_API[write][0].replace("SaveMode,", "SaveMode,scala.Option,")
-    monkeypatch.setitem(storage.DELTA_API, write, (changed,))
+    force_deltas_public_writer(monkeypatch)
     target = write_with_tasks(spark, path, "delta", KEYED_ROWS)
     assert not target.in_place
     expected = spark.createDataFrame(KEYED_ROWS, KEYED)
@@ -355,9 +361,7 @@ def test_publish_records_metadata_in_the_delta_commit_on_either_path(
     path = tmp_path / "t"
     write_with_tasks(spark, path, "delta", KEYED_ROWS[:2])
     if not in_place:
-        write = f"{storage.DELTA}.DeltaOperations$Write"
-        changed = storage.DELTA_API[write][0].replace("SaveMode,", "SaveMode,scala.Option,")
-        monkeypatch.setitem(storage.DELTA_API, write, (changed,))
+        force_deltas_public_writer(monkeypatch)
     target, files = files_for(spark, path, KEYED_ROWS)
     assert target.in_place == in_place
     publish(spark, target, files, {"run": 7})
