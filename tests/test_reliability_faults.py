@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 import pytest
 from pandas.testing import assert_frame_equal
 from pyspark.ml import PipelineModel
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 
 from serving.forest import load_model
 from stockvol import features, ingest, retention, train
@@ -208,10 +208,14 @@ def any_writing(*detectors: Callable[[], bool]) -> Callable[[], bool]:
 # --- what a table or model holds ------------------------------------------------------------------
 
 
+def ordered_rows(df: DataFrame) -> pd.DataFrame:
+    """A DataFrame's rows in a fixed order."""
+    return df.orderBy(*df.columns).toPandas()
+
+
 def table_rows(spark: SparkSession, path: Path, storage_format: str) -> pd.DataFrame:
     """The whole table through the stage's own reader, in a fixed order."""
-    df = read_table(spark, path, storage_format)
-    return df.orderBy(*df.columns).toPandas()
+    return ordered_rows(read_table(spark, path, storage_format))
 
 
 def arrow_rows(path: Path | Location) -> pd.DataFrame:
@@ -387,7 +391,7 @@ def one_published_not_the_other(
 def pair_rows(spark: SparkSession, config: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Prices and rejects through the pair reader, each in a fixed order."""
     prices, rejects = ingest.read_ingest_pair(spark, config)
-    return prices.orderBy(*prices.columns).toPandas(), rejects.orderBy(*rejects.columns).toPandas()
+    return ordered_rows(prices), ordered_rows(rejects)
 
 
 @pytest.mark.parametrize("storage_format", FORMATS)
